@@ -1,0 +1,182 @@
+"""The ASGI application: the hot inference routes, then Starlette for everything else.
+
+The three inference routes are looked up by exact path before any framework
+code runs; the rest (model listing, health, metrics) is ordinary Starlette.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from aiguillage.api.asgi import Receive, Scope, Send
+from aiguillage.api.errors import ApiError, not_found
+from aiguillage.api.inference import InferenceEndpoint
+from aiguillage.auth.identity import ApiKeyRecord
+from aiguillage.catalog.config import GatewayConfig
+from aiguillage.gateway import Gateway, open_gateway
+
+log = logging.getLogger(__name__)
+
+GatewayFactory = Callable[[GatewayConfig], Awaitable[Gateway]]
+
+INFERENCE_ROUTES = {
+    "/v1/chat/completions": True,  # path -> may stream
+    "/v1/completions": True,
+    "/v1/embeddings": False,
+}
+
+
+class AiguillageApp:
+    def __init__(
+        self, config: GatewayConfig, gateway_factory: GatewayFactory = open_gateway
+    ) -> None:
+        self.config = config
+        self._factory = gateway_factory
+        self._gateway: Gateway | None = None
+        self._hot: dict[str, InferenceEndpoint] = {}
+        self._other = Starlette(
+            routes=[
+                Route("/v1/models", self._list_models, methods=["GET"]),
+                Route("/v1/models/{model_id:path}", self._get_model, methods=["GET"]),
+                Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/readyz", self._readyz, methods=["GET"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
+            ],
+            exception_handlers={
+                ApiError: _api_error_response,
+                HTTPException: _http_error_response,
+                Exception: _unexpected_error_response,
+            },
+        )
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise ApiError(
+                503,
+                "The gateway is starting.",
+                type="service_unavailable",
+                code="starting",
+                headers={"retry-after": "1"},
+            )
+        return self._gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self._hot.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+            else:
+                await self._other(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def startup(self) -> None:
+        gateway = await self._factory(self.config)
+        await gateway.start()
+        self._gateway = gateway
+        self._hot = {
+            path: InferenceEndpoint(gateway, path, streamable=streamable)
+            for path, streamable in INFERENCE_ROUTES.items()
+        }
+
+    async def shutdown(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.stop()
+            self._gateway = None
+            self._hot = {}
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as error:
+                    log.exception("gateway failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _identity(self, request: Request) -> ApiKeyRecord:
+        return await self.gateway.authenticator.authenticate(request.headers.get("authorization"))
+
+    async def _list_models(self, request: Request) -> Response:
+        identity = await self._identity(request)
+        data = [entry.as_openai() for entry in self.gateway.catalog.visible_to(identity)]
+        return _json({"object": "list", "data": data})
+
+    async def _get_model(self, request: Request) -> Response:
+        identity = await self._identity(request)
+        model_id = request.path_params["model_id"]
+        entry = self.gateway.catalog.resolve(model_id)
+        if entry is None or not identity.may_use(entry.name):
+            raise not_found(f"The model '{model_id}' does not exist.", param="model")
+        return _json(entry.as_openai())
+
+    async def _healthz(self, request: Request) -> Response:
+        return _json({"status": "alive"})
+
+    async def _readyz(self, request: Request) -> Response:
+        models = self.gateway.ready()
+        ready = all(models.values())
+        return _json(
+            {"status": "ready" if ready else "not ready", "models": models},
+            status=200 if ready else 503,
+        )
+
+    async def _metrics(self, request: Request) -> Response:
+        metrics = self.gateway.metrics
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def _json(document: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(document), status_code=status, media_type="application/json")
+
+
+async def _api_error_response(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ApiError)
+    return Response(
+        error.body(), status_code=error.status, headers=error.headers, media_type="application/json"
+    )
+
+
+async def _http_error_response(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    if error.status_code == 404:
+        api_error = ApiError(
+            404,
+            f"No route {request.method} {request.url.path}.",
+            type="invalid_request_error",
+            code="unknown_route",
+        )
+    elif error.status_code == 405:
+        api_error = ApiError(
+            405,
+            f"Method {request.method} is not allowed on {request.url.path}.",
+            type="invalid_request_error",
+            code="method_not_allowed",
+            headers=dict(error.headers or {}),
+        )
+    else:
+        api_error = ApiError(error.status_code, str(error.detail), type="invalid_request_error")
+    return await _api_error_response(request, api_error)
+
+
+async def _unexpected_error_response(request: Request, error: Exception) -> Response:
+    log.error("unexpected error on %s", request.url.path, exc_info=error)
+    return await _api_error_response(
+        request, ApiError(500, "Internal gateway error.", type="server_error")
+    )

@@ -1,0 +1,100 @@
+"""Bearer key → identity, from an in-memory cache so the hot path never waits on the database.
+
+Entries live `ttl_s` seconds: a key revoked in the database stops working
+within that time on every process. Unknown keys are cached too, so a client
+hammering with a wrong key costs one query per TTL, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from aiguillage.api.errors import ApiError, unauthorized
+from aiguillage.auth.identity import ApiKeyRecord
+from aiguillage.auth.keys import hash_key
+
+KeyLookup = Callable[[str], Awaitable[ApiKeyRecord | None]]
+Clock = Callable[[], float]
+
+MAX_CACHED_KEYS = 100_000
+
+
+class Authenticator:
+    def __init__(self, lookup: KeyLookup, ttl_s: float, clock: Clock = time.monotonic) -> None:
+        self._lookup = lookup
+        self._ttl = ttl_s
+        self._clock = clock
+        self._cache: dict[str, tuple[ApiKeyRecord | None, float]] = {}
+        self._pending: dict[str, asyncio.Future[ApiKeyRecord | None]] = {}
+
+    async def authenticate(self, authorization: str | None) -> ApiKeyRecord:
+        """The identity behind an `Authorization` header, or a 401 `ApiError`."""
+        secret = _bearer_secret(authorization)
+        record = await self._record(hash_key(secret))
+        if record is None:
+            raise unauthorized("Incorrect API key provided.")
+        if record.revoked:
+            raise unauthorized("This API key has been revoked.", code="revoked_api_key")
+        if record.is_expired():
+            raise unauthorized("This API key has expired.", code="expired_api_key")
+        return record
+
+    def forget(self) -> None:
+        """Drop every cached entry (after an admin change seen by this process)."""
+        self._cache.clear()
+
+    async def _record(self, key_hash: str) -> ApiKeyRecord | None:
+        now = self._clock()
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        pending = self._pending.get(key_hash)
+        if pending is not None:  # one database query per key, however many requests wait
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                raise _store_unreachable() from None
+        future: asyncio.Future[ApiKeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._pending[key_hash] = future
+        try:
+            record = await self._lookup(key_hash)
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()  # the waiters, if any, see it; nobody else must log it
+            raise _store_unreachable() from None
+        finally:
+            del self._pending[key_hash]
+        future.set_result(record)
+        if len(self._cache) >= MAX_CACHED_KEYS:
+            self._cache.clear()
+        self._cache[key_hash] = (record, now + self._ttl)
+        return record
+
+
+def _store_unreachable() -> ApiError:
+    return ApiError(
+        503,
+        "The key store is unreachable; retry shortly.",
+        type="service_unavailable",
+        code="auth_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
+def _bearer_secret(authorization: str | None) -> str:
+    if not authorization:
+        raise unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    scheme, _, secret = authorization.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise unauthorized(
+            "The Authorization header must be 'Bearer YOUR_KEY'.", code="invalid_authorization"
+        )
+    return secret

@@ -1,0 +1,93 @@
+"""Active health probes: each backend is asked, on an interval, whether it is alive.
+
+A backend is up when it answers its health route with a status below 500. The
+probe also brings back a backend that the relay marked down after a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import aiohttp
+
+from aiguillage.backends.backend import Backend
+from aiguillage.observability.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+# The cheapest route that proves each engine can serve.
+_HEALTH_PATHS = {
+    "vllm": "/health",
+    "sglang": "/health",
+    "tgi": "/health",
+    "llamacpp": "/health",
+    "lmdeploy": "/health",
+    "ollama": "/api/version",
+    "openai": "/v1/models",
+}
+
+
+def health_url(backend: Backend) -> str:
+    """Engines answer health at their root; a plain OpenAI API only under /v1."""
+    path = _HEALTH_PATHS[backend.engine]
+    if path.startswith("/v1/"):
+        return backend.url(path)
+    return backend.base_url.removesuffix("/v1") + path
+
+
+class HealthProber:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        metrics: GatewayMetrics,
+        interval_s: float,
+        timeout_s: float = 3.0,
+    ) -> None:
+        self._backends = backends
+        self._metrics = metrics
+        self._interval = interval_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._task: asyncio.Task[None] | None = None
+
+    async def probe(self, backend: Backend) -> bool:
+        try:
+            async with backend.session.get(
+                health_url(backend), headers=backend.auth_headers, timeout=self._timeout
+            ) as response:
+                await response.read()
+                up = response.status < 500
+                reason = f"health probe answered {response.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            up, reason = False, f"health probe failed: {type(error).__name__}"
+        if up:
+            if not backend.healthy:
+                log.info("backend %s is up again", backend.name)
+            backend.mark_up()
+        else:
+            if backend.healthy:
+                log.warning("backend %s is down: %s", backend.name, reason)
+            backend.mark_down(reason)
+        self._metrics.backend_up.labels(backend.name).set(1 if up else 0)
+        return up
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(backend) for backend in self._backends))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="health-prober")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(self._interval)

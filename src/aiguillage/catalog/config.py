@@ -1,0 +1,184 @@
+"""The gateway's YAML configuration, in the shape of the ILaaS Helm values.
+
+Loading is strict on purpose: an operator who mistypes a field must learn which
+file, which field and what was expected before the gateway starts, not from a
+confused user an hour later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+EngineKind = Literal["vllm", "sglang", "tgi", "llamacpp", "ollama", "lmdeploy", "openai"]
+RoutingStrategy = Literal["round-robin"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./aiguillage.db"
+DATABASE_URL_ENV = "AIGUILLAGE_DATABASE_URL"
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used, with a message an operator can act on."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """One OpenAI-compatible engine serving a model."""
+
+    url: AnyHttpUrl
+    token: SecretStr | None = None
+    engine: EngineKind = "openai"
+    max_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 16
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    site: str | None = None
+    owner: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The URL without a trailing slash, so that paths join cleanly."""
+        return str(self.url).rstrip("/")
+
+
+class ModelConfig(_Strict):
+    """A public model name and the engines that serve it."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    model: str | None = None  # name served by the engines; defaults to `name`
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    routing_strategy: RoutingStrategy = "round-robin"
+    owned_by: str = "aiguillage"
+    servers: Annotated[list[ServerConfig], Field(min_length=1)]
+
+    @property
+    def served_name(self) -> str:
+        return self.model or self.name
+
+
+class GatewayConfig(_Strict):
+    """Everything `aiguillage serve` needs, with defaults for the embedded setup."""
+
+    database_url: str | None = None
+    site: str | None = None
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    key_cache_ttl_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    first_byte_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    health_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    ledger_batch_size: Annotated[int, Field(ge=1)] = 500
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(
+            ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+        ):
+            raise ValueError(
+                "expected 'sqlite+aiosqlite:///PATH' or 'postgresql+asyncpg://USER@HOST/DB'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GatewayConfig:
+        seen: dict[str, str] = {}
+        for model in self.models:
+            for public in (model.name, *model.aliases):
+                if public in seen:
+                    raise ValueError(
+                        f"model name or alias {public!r} is used twice "
+                        f"(by {seen[public]!r} and {model.name!r})"
+                    )
+                seen[public] = model.name
+        return self
+
+    def resolved_database_url(self) -> str:
+        """The database URL: the environment wins over the file, then the default."""
+        return os.environ.get(DATABASE_URL_ENV) or self.database_url or DEFAULT_DATABASE_URL
+
+
+def interpolate_env(value: Any, where: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where or 'value'}: environment variable {name} is not set")
+
+        return _ENV_REFERENCE.sub(substitute, value)
+    if isinstance(value, list):
+        return [interpolate_env(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {
+            key: interpolate_env(item, f"{where}.{key}" if where else str(key))
+            for key, item in value.items()
+        }
+    return value
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    """Validate an already parsed YAML tree; errors name the source and the field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        data = interpolate_env(data)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            field = _location(tuple(item["loc"]))
+            got = item.get("input")
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            lines.append(f"  {field}: {item['msg']}{shown}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a YAML configuration file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read configuration: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{file}: not valid YAML: {error}") from None
+    return parse_config(data, str(file))

@@ -1,0 +1,123 @@
+"""Running a real gateway (uvicorn, real database) on loopback for tests, on its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+import yaml
+
+from aiguillage.api.app import AiguillageApp
+from aiguillage.auth.identity import ApiKeyRecord
+from aiguillage.catalog.config import parse_config
+from aiguillage.store.database import Database
+from aiguillage.store.keys import KeyRepository
+from aiguillage.store.usage import UsageRepository
+
+T = TypeVar("T")
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on a fresh loop in another thread (safe inside async tests)."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coroutine))
+        except BaseException as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+class RunningGateway:
+    def __init__(self, settings: dict[str, Any], workdir: Path) -> None:
+        self.database_url = f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+        settings = {"database_url": self.database_url, **settings}
+        (workdir / "config.yaml").write_text(yaml.safe_dump(settings))
+        self.config_path = workdir / "config.yaml"
+        self.config = parse_config(settings, str(self.config_path))
+        self.app = AiguillageApp(self.config)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                lifespan="on",
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=5,
+            )
+        )
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    def start(self) -> RunningGateway:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(20)
+        self._socket.close()
+
+    def create_key(self, **options: Any) -> tuple[str, ApiKeyRecord]:
+        options.setdefault("name", "test")
+        options.setdefault("organisation", "test-org")
+
+        async def create() -> tuple[str, ApiKeyRecord]:
+            database = Database(self.database_url)
+            try:
+                await database.upgrade()
+                return await KeyRepository(database).create(**options)
+            finally:
+                await database.dispose()
+
+        return run_sync(create())
+
+    def revoke_key(self, key_id: int) -> None:
+        async def revoke() -> None:
+            database = Database(self.database_url)
+            try:
+                await KeyRepository(database).revoke(key_id)
+            finally:
+                await database.dispose()
+
+        run_sync(revoke())
+
+    def usage_rows(self, expected: int, timeout_s: float = 10.0) -> list[Any]:
+        """The ledger's rows, once at least `expected` of them are written (or the timeout)."""
+
+        async def rows() -> list[Any]:
+            database = Database(self.database_url)
+            try:
+                return list(await UsageRepository(database).recent(10_000))
+            finally:
+                await database.dispose()
+
+        deadline = time.monotonic() + timeout_s
+        found = run_sync(rows())
+        while len(found) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = run_sync(rows())
+        return found
