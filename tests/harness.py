@@ -105,13 +105,14 @@ class RunningGateway:
 
         run_sync(revoke())
 
-    def usage_rows(self, expected: int, timeout_s: float = 10.0) -> list[Any]:
-        """The ledger's rows, once at least `expected` of them are written (or the timeout)."""
+    def usage_rows(self, key_id: int, expected: int, timeout_s: float = 10.0) -> list[Any]:
+        """A key's ledger rows, once at least `expected` of them are written (or the timeout)."""
 
         async def rows() -> list[Any]:
             database = Database(self.database_url)
             try:
-                return list(await UsageRepository(database).recent(10_000))
+                found = await UsageRepository(database).recent(100_000)
+                return [row for row in found if row.key_id == key_id]
             finally:
                 await database.dispose()
 

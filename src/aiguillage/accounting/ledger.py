@@ -37,6 +37,7 @@ class UsageLedger:
         self._max_buffered = max_buffered
         self._on_drop = on_drop
         self._rows: list[UsageRecord] = []
+        self._writing = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -56,7 +57,8 @@ class UsageLedger:
 
     @property
     def pending(self) -> int:
-        return len(self._rows)
+        """Rows not yet written, including a batch being written now."""
+        return len(self._rows) + self._writing
 
     def start(self) -> None:
         if self._task is None:
@@ -66,12 +68,16 @@ class UsageLedger:
         """Write what is waiting, batch by batch; False if the database refused."""
         while self._rows:
             batch = self._rows[: self._batch_size]
+            del self._rows[: len(batch)]  # out of reach of record()'s trimming while written
+            self._writing = len(batch)
             try:
                 await self._sink(batch)
             except Exception as error:  # the database is away: keep the rows, try later
                 log.warning("usage ledger: cannot write %d rows yet: %s", len(batch), error)
+                self._rows[:0] = batch
                 return False
-            del self._rows[: len(batch)]
+            finally:
+                self._writing = 0
             self.written += len(batch)
         return True
 

@@ -67,7 +67,7 @@ class SseUsageFilter:
             return b""
         complete, self._pending = data[:end], data[end:]
         if _USAGE_MARK not in complete:
-            self.data_events += complete.count(b"data:")
+            self.data_events += _count_data_events(complete)
             return complete
         return self._filter_events(complete)
 
@@ -79,8 +79,7 @@ class SseUsageFilter:
     def _filter_events(self, complete: bytes) -> bytes:
         kept: list[bytes] = []
         for event in _split_events(complete):
-            if b"data:" in event:
-                self.data_events += 1
+            self.data_events += _count_data_events(event)
             if _USAGE_MARK in event and self._is_usage_only(event):
                 continue
             kept.append(event)
@@ -101,6 +100,12 @@ class SseUsageFilter:
         if counts is not None:
             self.counts = counts
         return self._withhold and counts is not None and not document.get("choices")
+
+
+def _count_data_events(events: bytes) -> int:
+    """Data lines (one per event in OpenAI streams), not counting the final `[DONE]`."""
+    lines = events.count(b"\ndata:") + events.startswith(b"data:")
+    return lines - events.count(b"data: [DONE]")
 
 
 def _last_event_end(data: bytes) -> int:

@@ -39,7 +39,7 @@ class InferenceRequest:
         extra usage event before the client sees it).
         """
         inject_usage = self.stream and not self.client_wants_usage
-        if self.model == served_name and self.priority is None and not inject_usage:
+        if self.model == served_name and "priority" not in self.body and not inject_usage:
             return self.raw, False
         body = dict(self.body)
         body["model"] = served_name

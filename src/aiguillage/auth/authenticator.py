@@ -54,6 +54,8 @@ class Authenticator:
         if pending is not None:  # one database query per key, however many requests wait
             try:
                 return await asyncio.shield(pending)
+            except _LookupAbandoned:
+                return await self._record(key_hash)  # its caller left: look it up ourselves
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -62,9 +64,12 @@ class Authenticator:
         self._pending[key_hash] = future
         try:
             record = await self._lookup(key_hash)
-        except Exception as error:
-            future.set_exception(error)
+        except BaseException as error:
+            abandoned = not isinstance(error, Exception)  # cancelled: its client went away
+            future.set_exception(_LookupAbandoned() if abandoned else error)
             future.exception()  # the waiters, if any, see it; nobody else must log it
+            if abandoned:
+                raise
             raise _store_unreachable() from None
         finally:
             del self._pending[key_hash]
@@ -73,6 +78,10 @@ class Authenticator:
             self._cache.clear()
         self._cache[key_hash] = (record, now + self._ttl)
         return record
+
+
+class _LookupAbandoned(Exception):
+    """The request doing a shared lookup was cancelled; its waiters must retry."""
 
 
 def _store_unreachable() -> ApiError:

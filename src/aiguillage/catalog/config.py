@@ -165,7 +165,9 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
         for item in error.errors():
             field = _location(tuple(item["loc"]))
             got = item.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            secret_like = any(word in field.lower() for word in ("token", "password", "secret"))
+            quiet = secret_like or item["type"] == "extra_forbidden" or isinstance(got, dict | list)
+            shown = "" if quiet or got is None else f" (got {got!r})"
             lines.append(f"  {field}: {item['msg']}{shown}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 

@@ -68,18 +68,12 @@ class RoundRobinDispatcher:
         return Lease(self.choose(model, exclude))
 
     def choose(self, model: ModelEntry, exclude: Collection[Backend] = ()) -> Backend:
-        backends = model.backends
-        turn = self._turns.setdefault(model.name, itertools.count())
-        start = next(turn) % len(backends)
-        ordered = backends[start:] + backends[:start]
-        fallback: Backend | None = None
-        for backend in ordered:
-            if backend in exclude:
-                continue
-            if backend.healthy and backend.in_flight < backend.max_concurrency:
-                return backend
-            if fallback is None or (backend.healthy and not fallback.healthy):
-                fallback = backend
-        if fallback is None:
+        turn = next(self._turns.setdefault(model.name, itertools.count()))
+        candidates = [backend for backend in model.backends if backend not in exclude]
+        if not candidates:
             raise NoBackendAvailable(model.name)
-        return fallback
+        usable = [b for b in candidates if b.healthy and b.in_flight < b.max_concurrency]
+        if usable:  # the turn goes round the usable ones only, so load stays even
+            return usable[turn % len(usable)]
+        healthy = [backend for backend in candidates if backend.healthy]
+        return min(healthy or candidates, key=lambda backend: backend.in_flight)
