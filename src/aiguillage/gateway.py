@@ -51,15 +51,15 @@ class Gateway:
 
     def record(self, row: UsageRecord) -> None:
         """Account one finished request: metrics now, the ledger row in the next batch."""
-        model, endpoint = row.model, row.endpoint
-        self.metrics.requests.labels(model, endpoint, str(row.status)).inc()
-        self.metrics.latency.labels(model, endpoint).observe(row.duration_ms / 1000)
-        if row.ttft_ms is not None:
-            self.metrics.ttft.labels(model, endpoint).observe(row.ttft_ms / 1000)
-        if row.prompt_tokens:
-            self.metrics.tokens.labels(model, "prompt").inc(row.prompt_tokens)
-        if row.completion_tokens:
-            self.metrics.tokens.labels(model, "completion").inc(row.completion_tokens)
+        self.metrics.observe_request(
+            row.model,
+            row.endpoint,
+            row.status,
+            row.duration_ms / 1000,
+            None if row.ttft_ms is None else row.ttft_ms / 1000,
+            row.prompt_tokens,
+            row.completion_tokens,
+        )
         self.ledger.record(row)
 
     def ready(self) -> dict[str, bool]:

@@ -1,4 +1,4 @@
-"""End to end with a real engine: llama.cpp's server with SmolLM2, called through the official SDK."""
+"""End to end with a real engine: llama.cpp with SmolLM2, called through the official SDK."""
 
 from __future__ import annotations
 

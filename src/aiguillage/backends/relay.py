@@ -88,7 +88,7 @@ class Relay:
                 break
             backend = lease.backend
             tried.append(backend)
-            self._metrics.in_flight.labels(backend.name).inc()
+            self._metrics.backend_in_flight(backend.name).inc()
             try:
                 response = await backend.session.post(
                     backend.url(path),
@@ -128,7 +128,7 @@ class Relay:
 
     def _end_lease(self, lease: Lease) -> None:
         if not lease.released:
-            self._metrics.in_flight.labels(lease.backend.name).dec()
+            self._metrics.backend_in_flight(lease.backend.name).dec()
         lease.release()
 
     def _failure(self, backend: Backend, model: ModelEntry, error: Exception) -> ApiError:

@@ -56,6 +56,7 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     _migrate(gateway_config)  # once, before workers start and race each other
     os.environ[CONFIG_ENV] = str(config.resolve())
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
@@ -70,6 +71,7 @@ def serve(
         http="httptools",
         lifespan="on",
         server_header=False,
+        proxy_headers=False,  # client addresses are not used; saves a middleware per request
         access_log=access_log,
         log_level=log_level,
         timeout_graceful_shutdown=30,

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
-from rich.panel import Panel
 
 from aiguillage.backends.local_engine import (
     SMOLLM2_SERVED_NAME,
@@ -105,7 +104,9 @@ def demo(
         config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         key = _create_demo_key(database_url)
         (workdir / "demo-key.txt").write_text(key + "\n")
-        console.print(Panel(_usage_help(f"http://127.0.0.1:{port}", key), title="Aiguillage demo"))
+        console.rule("Aiguillage demo")
+        console.print(_usage_help(f"http://127.0.0.1:{port}", key), soft_wrap=True)  # copyable
+        console.rule()
         console.print(
             f"Configuration written to {config_path}; key saved in {workdir / 'demo-key.txt'}"
         )

@@ -8,6 +8,8 @@ With several worker processes, prometheus-client's multiprocess mode is used
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +25,14 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestChildren:
+    latency: Any
+    ttft: Any
+    prompt_tokens: Any
+    completion_tokens: Any
 
 
 class GatewayMetrics:
@@ -84,6 +94,51 @@ class GatewayMetrics:
             "Usage rows dropped because the database stayed unreachable and the buffer was full.",
             registry=r,
         )
+
+        # labels() takes a lock and builds a key each call: the hot path keeps the children
+        self._request_children: dict[tuple[str, str], _RequestChildren] = {}
+        self._status_children: dict[tuple[str, str, int], Any] = {}
+        self._in_flight_children: dict[str, Any] = {}
+
+    def observe_request(
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        duration_s: float,
+        ttft_s: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """Everything one finished request adds to the metrics."""
+        children = self._request_children.get((model, endpoint))
+        if children is None:
+            children = _RequestChildren(
+                self.latency.labels(model, endpoint),
+                self.ttft.labels(model, endpoint),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+            self._request_children[(model, endpoint)] = children
+        counter = self._status_children.get((model, endpoint, status))
+        if counter is None:
+            counter = self.requests.labels(model, endpoint, str(status))
+            self._status_children[(model, endpoint, status)] = counter
+        counter.inc()
+        children.latency.observe(duration_s)
+        if ttft_s is not None:
+            children.ttft.observe(ttft_s)
+        if prompt_tokens:
+            children.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            children.completion_tokens.inc(completion_tokens)
+
+    def backend_in_flight(self, backend: str) -> Any:
+        """The in-flight gauge of one backend (cached child)."""
+        child = self._in_flight_children.get(backend)
+        if child is None:
+            child = self._in_flight_children[backend] = self.in_flight.labels(backend)
+        return child
 
     def render(self) -> bytes:
         """The text exposition; sums all workers in multiprocess mode."""

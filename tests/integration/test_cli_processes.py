@@ -1,0 +1,147 @@
+"""The commands a user types, run as real processes: `aiguillage demo` and `aiguillage serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from aiguillage.backends.local_engine import EngineUnavailable, free_port, llama_server_binary
+from tests.fakes.engine import FakeEngine
+
+AIGUILLAGE = [sys.executable, "-m", "aiguillage.cli"]
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the process exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not become ready")
+
+
+@pytest.fixture
+def stop_at_end() -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_demo_serves_a_real_model_and_stops_its_engines(
+    tmp_path: Path, stop_at_end: list[subprocess.Popen[bytes]]
+) -> None:
+    try:
+        llama_server_binary()
+    except EngineUnavailable as error:
+        pytest.skip(f"llama.cpp engine unavailable: {error}")
+    port = free_port()
+    demo = subprocess.Popen(
+        [*AIGUILLAGE, "demo", "--port", str(port), "--engines", "1", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    stop_at_end.append(demo)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, demo)
+    key = (tmp_path / "demo-key.txt").read_text().strip()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+    engine_url = yaml.safe_load((tmp_path / "demo.yaml").read_text())["models"][0]["servers"][0][
+        "url"
+    ]
+    demo.send_signal(signal.SIGINT)
+    output = demo.communicate(timeout=30)[0].decode()
+    assert demo.returncode == 0, output
+    assert key in output and "curl" in output and "from openai import OpenAI" in output
+    with pytest.raises(httpx.TransportError):  # the engine went away with the demo
+        httpx.get(f"{engine_url}/health", timeout=2)
+
+
+def test_serve_with_two_workers_shares_keys_and_sums_metrics(
+    tmp_path: Path, fake_engine: FakeEngine, stop_at_end: list[subprocess.Popen[bytes]]
+) -> None:
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": database_url,
+                "models": [{"name": "fake", "servers": [{"url": fake_engine.url("ok")}]}],
+            }
+        )
+    )
+    created = subprocess.run(
+        [
+            *AIGUILLAGE,
+            "keys",
+            "create",
+            "--name",
+            "w",
+            "--org",
+            "o",
+            "--json",
+            "--config",
+            str(config),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key = json.loads(created.stdout)["key"]
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    server = subprocess.Popen(
+        [*AIGUILLAGE, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    stop_at_end.append(server)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, server)
+    for _ in range(20):  # new connections each time, so both workers get some
+        response = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "fake", "messages": []},
+            timeout=10,
+        )
+        assert response.status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    line = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("aiguillage_requests_total{") and 'status="200"' in line
+    )
+    assert float(line.rsplit(" ", 1)[1]) == 20.0  # summed over both workers
+    # "liveall" gauges carry each worker's pid: both workers report into one /metrics
+    pids = {
+        part.split('pid="')[1].split('"')[0]
+        for part in metrics.splitlines()
+        if part.startswith("aiguillage_backend_up{")
+    }
+    assert len(pids) == 2
+    server.send_signal(signal.SIGINT)
+    server.wait(30)
