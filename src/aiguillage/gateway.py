@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiguillage.accounting.ledger import UsageLedger, UsageSink
 from aiguillage.accounting.usage import UsageRecord
 from aiguillage.auth.authenticator import Authenticator, KeyLookup
+from aiguillage.backends.backend import Backend
 from aiguillage.backends.health import HealthProber
 from aiguillage.backends.relay import Relay
-from aiguillage.catalog.catalog import Catalog
+from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.catalog.config import GatewayConfig
-from aiguillage.dispatch.dispatcher import Dispatcher, RoundRobinDispatcher
+from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.scheduler import LocalScheduler
 from aiguillage.observability.metrics import GatewayMetrics
+
+MAINTENANCE_INTERVAL_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +33,16 @@ class Gateway:
         *,
         key_lookup: KeyLookup,
         usage_sink: UsageSink,
-        dispatcher: Dispatcher | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or GatewayMetrics()
         self.catalog = Catalog.from_config(config)
         self.authenticator = Authenticator(key_lookup, config.key_cache_ttl_s)
-        self.relay = Relay(dispatcher or RoundRobinDispatcher(), self.metrics)
+        self.scheduler = LocalScheduler(
+            self.catalog, site=config.site, on_queue_change=self._queue_changed
+        )
+        self.relay = Relay(self.scheduler, self.metrics)
         self.ledger = UsageLedger(
             usage_sink,
             batch_size=config.ledger_batch_size,
@@ -46,7 +54,9 @@ class Gateway:
             self.metrics,
             config.health_interval_s,
             timeout_s=config.connect_timeout_s,
+            on_probe=self._probed,
         )
+        self._maintenance: asyncio.Task[None] | None = None
         self.closers: list[Callable[[], Awaitable[None]]] = []  # run after the ledger's last write
 
     def record(self, row: UsageRecord) -> None:
@@ -66,12 +76,43 @@ class Gateway:
         """Per model, whether at least one backend answered its last probe."""
         return {entry.name: any(b.healthy for b in entry.backends) for entry in self.catalog}
 
+    def critical_degraded(self) -> dict[str, bool]:
+        """Critical models with fewer usable backends than their configured minimum."""
+        return {
+            entry.name: sum(b.usable() for b in entry.backends) < entry.config.min_healthy_backends
+            for entry in self.catalog
+            if entry.config.critical
+        }
+
+    def _probed(self, backend: Backend, up: bool) -> None:
+        backend.circuit.on_probe(up)
+        self.metrics.circuit_open.labels(backend.name).set(0 if backend.circuit.allows() else 1)
+        self.scheduler.backend_changed(backend)
+
+    def _queue_changed(self, model: ModelEntry, queue: ModelQueue) -> None:
+        self.metrics.set_queue_depth(model.name, queue.snapshot())
+
+    async def _maintain(self) -> None:
+        """The slow loop: the lease safety net and the critical-model alert."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            self.scheduler.reclaim_stale_leases(self.config.lease_ttl_s)
+            for name, degraded in self.critical_degraded().items():
+                self.metrics.critical_degraded.labels(name).set(1 if degraded else 0)
+                if degraded:
+                    log.error("critical model %s is below its minimum of usable backends", name)
+
     async def start(self) -> None:
         self.ledger.start()
         await self.prober.probe_all()
         self.prober.start()
+        self._maintenance = asyncio.create_task(self._maintain(), name="gateway-maintenance")
 
     async def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
         await self.prober.stop()
         await self.ledger.close()
         for backend in self.catalog.backends():

@@ -40,6 +40,7 @@ from aiguillage.api.errors import (
 from aiguillage.api.payload import InferenceRequest, parse_inference_request, parse_priority_header
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.backends.relay import UpstreamResponse
+from aiguillage.dispatch.tickets import RoutingMode, Ticket
 from aiguillage.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -196,51 +197,70 @@ class InferenceEndpoint:
         assert identity is not None
         entry = self.gateway.catalog.resolve(request.model)
         assert entry is not None
-        body, withhold_usage = request.upstream_body(entry.served_name)
-        priority = min(
-            identity.priority, request.priority if request.priority is not None else 1000
+        priority = identity.priority  # a key's priority is a ceiling: requests may only lower it
+        if request.priority is not None:
+            priority = min(priority, request.priority)
+        ticket = Ticket(
+            model=entry,
+            organisation=identity.organisation,
+            priority=priority,
+            key_id=identity.id,
+            queue_threshold=identity.queue_threshold,
+            routing_mode=RoutingMode(identity.routing_mode),
+            prefix=(
+                request.prefix(entry.config.prefix_chars)
+                if entry.config.routing_strategy == "prefix-affinity"
+                else None
+            ),
         )
-        upstream = await self.gateway.relay.open(
-            entry, identity, priority, self.path, body, exchange.request_id
-        )
+        upstream = await self.gateway.relay.open(ticket, self.path, request, exchange.request_id)
+        ok: bool | None = None  # how it went, for the backend's circuit breaker
         try:
-            exchange.backend = upstream.backend.name
+            backend = upstream.backend
+            exchange.backend = backend.name
             exchange.status = upstream.status
             extra = [
                 (b"x-request-id", exchange.request_id.encode()),
-                (b"x-aiguillage-backend", upstream.backend.name.encode()),
+                (b"x-aiguillage-backend", backend.name.encode()),
+                (b"x-aiguillage-queue-ms", f"{ticket.waited_s * 1000:.1f}".encode()),
             ]
             is_sse = upstream.response.content_type == "text/event-stream"
             if request.stream and is_sse and upstream.status < 400:
-                await self._relay_stream(upstream, extra, withhold_usage, exchange, send)
-            else:
+                ok = await self._relay_stream(upstream, extra, exchange, send)
+                return
+            try:
                 payload = await upstream.response.read()
-                exchange.ttft = time.perf_counter()
-                if upstream.status < 400:
-                    exchange.counts = counts_from_body(payload)
-                exchange.finished = True
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": upstream.status,
-                        "headers": upstream.headers + extra,
-                    }
-                )
-                await send({"type": "http.response.body", "body": payload})
-        except (aiohttp.ClientError, TimeoutError) as error:  # reading a complete body
-            raise _broken_answer(entry.name, error) from None
+            except (aiohttp.ClientError, TimeoutError) as error:
+                ok = False
+                raise _broken_answer(entry.name, error) from None
+            exchange.ttft = time.perf_counter()
+            backend.observe_ttft(time.monotonic() - upstream.lease.acquired_at)
+            ok = upstream.status < 500
+            if upstream.status < 400:
+                exchange.counts = counts_from_body(payload)
+            exchange.finished = True
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": upstream.headers + extra,
+                }
+            )
+            await send({"type": "http.response.body", "body": payload})
         finally:
-            self.gateway.relay.end(upstream)
+            self.gateway.relay.end(upstream, ok)
 
     async def _relay_stream(
         self,
         upstream: UpstreamResponse,
         extra: list[tuple[bytes, bytes]],
-        withhold_usage: bool,
         exchange: _Exchange,
         send: Send,
-    ) -> None:
-        """Relay SSE events as they come; a backend dying mid-stream ends it with an error event."""
+    ) -> bool:
+        """Relay SSE events as they come; a backend dying mid-stream ends it with an error event.
+
+        Returns whether the backend finished its answer.
+        """
         await send(
             {
                 "type": "http.response.start",
@@ -248,19 +268,25 @@ class InferenceEndpoint:
                 "headers": upstream.headers + extra,
             }
         )
-        sse = SseUsageFilter(withhold_usage)
+        sse = SseUsageFilter(upstream.withhold_usage)
+        lease = upstream.lease
+        finished = True
         try:
             async for chunk in upstream.response.content.iter_any():
                 out = sse.feed(chunk)
                 if out:
+                    now = time.monotonic()
                     if exchange.ttft is None:
                         exchange.ttft = time.perf_counter()
+                        upstream.backend.observe_ttft(now - lease.acquired_at)
+                    lease.renew(now)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = sse.flush()
         except (aiohttp.ClientError, TimeoutError) as error:
             log.warning(
                 "backend %s broke a stream: %s", upstream.backend.name, type(error).__name__
             )
+            finished = False
             exchange.status = 502
             tail = (
                 b"data: "
@@ -275,6 +301,7 @@ class InferenceEndpoint:
             exchange.counts, exchange.data_events = sse.counts, sse.data_events
         exchange.finished = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return finished
 
     async def _watch(
         self, receive: Receive, exchange: _Exchange, task: asyncio.Task[Any] | None

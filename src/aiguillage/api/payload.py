@@ -30,7 +30,9 @@ class InferenceRequest:
     priority: int | None
     client_wants_usage: bool
 
-    def upstream_body(self, served_name: str) -> tuple[bytes, bool]:
+    def upstream_body(
+        self, served_name: str, engine_priority: int | None = None
+    ) -> tuple[bytes, bool]:
         """The bytes to send to the engine, and whether we added usage reporting ourselves.
 
         The original bytes go out untouched unless something must change: the
@@ -39,16 +41,39 @@ class InferenceRequest:
         extra usage event before the client sees it).
         """
         inject_usage = self.stream and not self.client_wants_usage
-        if self.model == served_name and "priority" not in self.body and not inject_usage:
+        unchanged = self.model == served_name and "priority" not in self.body
+        if unchanged and engine_priority is None and not inject_usage:
             return self.raw, False
         body = dict(self.body)
         body["model"] = served_name
         body.pop("priority", None)
+        if engine_priority is not None:
+            body["priority"] = engine_priority
         if inject_usage:
             options = dict(body.get("stream_options") or {})
             options["include_usage"] = True
             body["stream_options"] = options
         return orjson.dumps(body), inject_usage
+
+    def prefix(self, chars: int) -> str | None:
+        """The prompt's leading text, for prefix affinity (chat messages or a completion prompt)."""
+        body = self.body
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            parts: list[str] = []
+            size = 0
+            for message in messages:
+                content = message.get("content") if isinstance(message, dict) else None
+                if isinstance(content, str):
+                    parts.append(content)
+                    size += len(content)
+                    if size >= chars:
+                        break
+            return "\x1e".join(parts)[:chars] or None
+        prompt = body.get("prompt", body.get("input"))
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        return prompt[:chars] if isinstance(prompt, str) and prompt else None
 
 
 def parse_inference_request(raw: bytes, *, streamable: bool = True) -> InferenceRequest:

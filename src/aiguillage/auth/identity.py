@@ -21,6 +21,7 @@ class ApiKeyRecord:
     expires_at: datetime | None  # timezone-aware UTC
     revoked: bool
     created_at: datetime
+    routing_mode: str = "any"  # any | private-first | private-only (see dispatch.tickets)
 
     def may_use(self, model_name: str) -> bool:
         """Whether this key may call the model with this public name."""

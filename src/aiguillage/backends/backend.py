@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from aiguillage.backends.circuit import CircuitBreaker
 from aiguillage.catalog.config import EngineKind, ServerConfig
+
+if TYPE_CHECKING:
+    from aiguillage.backends.signals import EngineLoad
+
+TTFT_EWMA_WEIGHT = 0.2  # weight of the newest TTFT in the running average
 
 
 class Backend:
@@ -17,7 +24,12 @@ class Backend:
     """
 
     def __init__(
-        self, config: ServerConfig, *, connect_timeout_s: float, read_timeout_s: float
+        self,
+        config: ServerConfig,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        circuit: CircuitBreaker | None = None,
     ) -> None:
         self.config = config
         self.base_url = config.base_url
@@ -29,9 +41,15 @@ class Backend:
         self.max_concurrency = config.max_concurrency
         self.site = config.site
         self.owner = config.owner
+        self.owner_reserved = config.owner_reserved
+        self.weight = config.weight
         self.in_flight = 0
+        self.reserved_for_critical = 0  # slots that only critical models may use
         self.healthy = True
         self.last_error: str | None = None
+        self.circuit = circuit or CircuitBreaker()
+        self.load: EngineLoad | None = None  # the engine's own signals, scraped
+        self.ttft_ewma_s: float | None = None  # our own recent TTFT measurements
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         )
@@ -60,6 +78,23 @@ class Backend:
         if self.base_url.endswith("/v1") and path.startswith("/v1/"):
             return self.base_url + path[3:]
         return self.base_url + path
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the engine publishes its Prometheus metrics (at its root, not under /v1)."""
+        return self.base_url.removesuffix("/v1") + "/metrics"
+
+    def observe_ttft(self, seconds: float) -> None:
+        previous = self.ttft_ewma_s
+        self.ttft_ewma_s = (
+            seconds
+            if previous is None
+            else TTFT_EWMA_WEIGHT * seconds + (1 - TTFT_EWMA_WEIGHT) * previous
+        )
+
+    def usable(self) -> bool:
+        """Up by its last probe and its circuit lets a request through."""
+        return self.healthy and self.circuit.allows()
 
     def mark_down(self, reason: str) -> None:
         self.healthy = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 
@@ -45,7 +45,9 @@ class HealthProber:
         metrics: GatewayMetrics,
         interval_s: float,
         timeout_s: float = 3.0,
+        on_probe: Callable[[Backend, bool], None] | None = None,
     ) -> None:
+        self._on_probe = on_probe
         self._backends = backends
         self._metrics = metrics
         self._interval = interval_s
@@ -71,6 +73,8 @@ class HealthProber:
                 log.warning("backend %s is down: %s", backend.name, reason)
             backend.mark_down(reason)
         self._metrics.backend_up.labels(backend.name).set(1 if up else 0)
+        if self._on_probe is not None:
+            self._on_probe(backend, up)
         return up
 
     async def probe_all(self) -> None:

@@ -15,11 +15,25 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from aiguillage.api.errors import ApiError, bad_gateway, gateway_timeout, unavailable
-from aiguillage.auth.identity import ApiKeyRecord
+from aiguillage.api.errors import (
+    ApiError,
+    bad_gateway,
+    forbidden,
+    gateway_timeout,
+    unavailable,
+)
+from aiguillage.api.payload import MAX_PRIORITY, InferenceRequest
 from aiguillage.backends.backend import Backend
 from aiguillage.catalog.catalog import ModelEntry
-from aiguillage.dispatch.dispatcher import Dispatcher, Lease, NoBackendAvailable
+from aiguillage.dispatch.dispatcher import (
+    Dispatcher,
+    DispatchError,
+    NoBackendAvailable,
+    NoPrivateBackend,
+    QueueFull,
+    QueueTimeout,
+)
+from aiguillage.dispatch.tickets import Lease, Ticket
 from aiguillage.observability.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +64,7 @@ class UpstreamResponse:
     response: aiohttp.ClientResponse
     headers: list[tuple[bytes, bytes]]
     attempts: int
+    withhold_usage: bool  # we asked for stream usage: drop that event before the client
 
     @property
     def status(self) -> int:
@@ -64,31 +79,39 @@ class Relay:
     def __init__(
         self, dispatcher: Dispatcher, metrics: GatewayMetrics, max_attempts: int = 3
     ) -> None:
-        self._dispatcher = dispatcher
+        self.dispatcher = dispatcher
         self._metrics = metrics
         self._max_attempts = max_attempts
 
     async def open(
         self,
-        model: ModelEntry,
-        identity: ApiKeyRecord,
-        priority: int,
+        ticket: Ticket,
         path: str,
-        body: bytes,
+        request: InferenceRequest,
         request_id: str,
     ) -> UpstreamResponse:
-        """Post `body` to a backend of `model` and return once the engine's headers are in."""
-        tried: list[Backend] = []
+        """Get a lease, post the body, and return once the engine's headers are in.
+
+        A failure before any byte came back (connection refused, timeout, 5xx)
+        tries another backend with the same ticket, so it keeps its place in line.
+        """
+        model = ticket.model
         last_error: ApiError | None = None
         attempts = min(self._max_attempts, len(model.backends))
         for attempt in range(1, attempts + 1):
             try:
-                lease = await self._dispatcher.acquire(model, identity, priority, exclude=tried)
-            except NoBackendAvailable:
-                break
+                lease = await self.dispatcher.acquire(ticket)
+            except DispatchError as error:
+                if last_error is not None and isinstance(error, NoBackendAvailable):
+                    raise last_error from None
+                raise _dispatch_error(model, error) from None
             backend = lease.backend
-            tried.append(backend)
+            ticket.exclude = ticket.exclude | {backend}
             self._metrics.backend_in_flight(backend.name).inc()
+            engine_priority = (
+                MAX_PRIORITY - ticket.priority if backend.config.priority_scheduling else None
+            )
+            body, withhold_usage = request.upstream_body(model.served_name, engine_priority)
             try:
                 response = await backend.session.post(
                     backend.url(path),
@@ -101,45 +124,44 @@ class Relay:
                     },
                 )
             except BaseException as error:
-                self._end_lease(lease)
                 if not isinstance(error, Exception):
+                    self.end_lease(lease, ok=None)
                     raise  # cancelled: the client went away
+                self.end_lease(lease, ok=False)
                 last_error = self._failure(backend, model, error)
                 continue
-            if response.status >= 500 and attempt < attempts and len(tried) < len(model.backends):
+            if response.status >= 500 and attempt < attempts:
                 self._metrics.upstream_failures.labels(
                     backend.name, f"http_{response.status}"
                 ).inc()
                 log.warning("backend %s answered %d; trying another", backend.name, response.status)
                 response.release()
-                self._end_lease(lease)
+                self.end_lease(lease, ok=False)
                 continue
-            return UpstreamResponse(lease, response, relayable_headers(response), attempt)
-        if last_error is not None:
-            raise last_error
-        raise unavailable(
-            f"No backend of model '{model.name}' is available right now; retry shortly."
-        )
+            return UpstreamResponse(
+                lease, response, relayable_headers(response), attempt, withhold_usage
+            )
+        assert last_error is not None
+        raise last_error
 
-    def end(self, upstream: UpstreamResponse) -> None:
+    def end(self, upstream: UpstreamResponse, ok: bool | None) -> None:
         """Give the connection back (dropped if unread) and end the lease; idempotent."""
         upstream.response.release()
-        self._end_lease(upstream.lease)
+        self.end_lease(upstream.lease, ok)
 
-    def _end_lease(self, lease: Lease) -> None:
+    def end_lease(self, lease: Lease, ok: bool | None) -> None:
         if not lease.released:
             self._metrics.backend_in_flight(lease.backend.name).dec()
-        lease.release()
+        self.dispatcher.release(lease, ok)
 
     def _failure(self, backend: Backend, model: ModelEntry, error: Exception) -> ApiError:
-        """Turn a transport error into what the client should see, and mark the backend."""
+        """Turn a transport error into what the client should see."""
         if isinstance(error, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
             cause, api_error = (
                 "timeout",
                 gateway_timeout(f"The backend serving '{model.name}' did not answer in time."),
             )
         elif isinstance(error, aiohttp.ClientConnectorError | ConnectionError):
-            backend.mark_down(f"connect: {error}")
             cause, api_error = (
                 "connect",
                 unavailable(
@@ -157,6 +179,32 @@ class Relay:
         self._metrics.upstream_failures.labels(backend.name, cause).inc()
         log.warning("backend %s failed (%s): %s", backend.name, cause, type(error).__name__)
         return api_error
+
+
+def _dispatch_error(model: ModelEntry, error: DispatchError) -> ApiError:
+    """What a client sees when the dispatcher cannot serve it."""
+    name = model.name
+    if isinstance(error, QueueFull):
+        return ApiError(
+            429,
+            f"Too many of your requests are already waiting for '{name}'; retry later.",
+            type="rate_limit_error",
+            code="queue_threshold_exceeded",
+            headers={"retry-after": "2"},
+        )
+    if isinstance(error, QueueTimeout):
+        return unavailable(
+            f"Too many users on '{name}' right now: no backend became free in "
+            f"{model.config.queue_timeout_s:g} s. Retry shortly.",
+            code="queue_timeout",
+            retry_after_s=max(1, round(model.config.queue_timeout_s / 6)),
+        )
+    if isinstance(error, NoPrivateBackend):
+        return forbidden(
+            f"This API key may only use its organisation's servers, and none serves '{name}'.",
+            code="no_private_backend",
+        )
+    return unavailable(f"No backend of model '{name}' is available right now; retry shortly.")
 
 
 def relayable_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.circuit import CircuitBreaker
 from aiguillage.catalog.config import GatewayConfig, ModelConfig
 
 
@@ -21,6 +22,7 @@ class ModelEntry:
     owned_by: str
     routing_strategy: str
     backends: tuple[Backend, ...]
+    config: ModelConfig
     created: int = field(default_factory=lambda: int(time.time()))
 
     def as_openai(self) -> dict[str, object]:
@@ -45,7 +47,9 @@ class Catalog:
                 self._by_public_name[public] = entry
 
     @classmethod
-    def from_config(cls, config: GatewayConfig) -> Catalog:
+    def from_config(
+        cls, config: GatewayConfig, clock: Callable[[], float] = time.monotonic
+    ) -> Catalog:
         backends: dict[tuple[str, str | None], Backend] = {}
 
         def backend_for(model: ModelConfig) -> tuple[Backend, ...]:
@@ -58,8 +62,13 @@ class Catalog:
                         server,
                         connect_timeout_s=config.connect_timeout_s,
                         read_timeout_s=config.first_byte_timeout_s,
+                        circuit=CircuitBreaker(
+                            config.circuit_failures, config.circuit_open_s, clock
+                        ),
                     )
                 found.append(backends[key])
+                if model.critical:
+                    backends[key].reserved_for_critical += model.reserved_concurrency
             return tuple(found)
 
         return cls(
@@ -70,6 +79,7 @@ class Catalog:
                 owned_by=model.owned_by,
                 routing_strategy=model.routing_strategy,
                 backends=backend_for(model),
+                config=model,
             )
             for model in config.models
         )

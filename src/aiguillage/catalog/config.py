@@ -25,7 +25,10 @@ from pydantic import (
 )
 
 EngineKind = Literal["vllm", "sglang", "tgi", "llamacpp", "ollama", "lmdeploy", "openai"]
-RoutingStrategy = Literal["round-robin"]
+RoutingStrategy = Literal[
+    "round-robin", "weighted", "least-busy", "latency", "prefix-affinity", "owner-first"
+]
+QosPolicyName = Literal["none", "parallel-threshold", "performance"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./aiguillage.db"
 DATABASE_URL_ENV = "AIGUILLAGE_DATABASE_URL"
@@ -51,11 +54,51 @@ class ServerConfig(_Strict):
     weight: Annotated[float, Field(gt=0)] = 1.0
     site: str | None = None
     owner: str | None = None
+    owner_reserved: Annotated[int, Field(ge=0)] = 0  # slots only the owner's requests may use
+    priority_scheduling: bool = False  # a vLLM started with --scheduling-policy priority
+
+    @model_validator(mode="after")
+    def _reservation_fits(self) -> ServerConfig:
+        if self.owner_reserved and not self.owner:
+            raise ValueError("owner_reserved needs an owner")
+        if self.owner_reserved > self.max_concurrency:
+            raise ValueError("owner_reserved cannot exceed max_concurrency")
+        return self
 
     @property
     def base_url(self) -> str:
         """The URL without a trailing slash, so that paths join cleanly."""
         return str(self.url).rstrip("/")
+
+
+class PriorityShare(_Strict):
+    """Requests of at least `min_priority` may use up to `share` of a backend's concurrency."""
+
+    min_priority: Annotated[int, Field(ge=0)]
+    share: Annotated[float, Field(gt=0, le=1)]
+
+
+class QosConfig(_Strict):
+    """Whether a backend may take a request of a given priority now (see docs/dispatch.md)."""
+
+    policy: QosPolicyName = "none"
+    # parallel-threshold: the share of concurrency each priority level may use
+    shares: list[PriorityShare] = Field(
+        default_factory=lambda: [
+            PriorityShare(min_priority=0, share=0.5),
+            PriorityShare(min_priority=5, share=0.8),
+            PriorityShare(min_priority=10, share=1.0),
+        ]
+    )
+    # performance: requests below protected_priority only while the backend is fast enough
+    protected_priority: Annotated[int, Field(ge=0)] = 10
+    ttft_target_s: Annotated[float, Field(gt=0)] = 1.0
+    engine_queue_target: Annotated[int, Field(ge=0)] = 0
+
+    def share_for(self, priority: int) -> float:
+        """The largest share granted to this priority (1.0 when no rule applies)."""
+        shares = [rule.share for rule in self.shares if priority >= rule.min_priority]
+        return max(shares) if shares else 1.0
 
 
 class ModelConfig(_Strict):
@@ -65,6 +108,12 @@ class ModelConfig(_Strict):
     model: str | None = None  # name served by the engines; defaults to `name`
     aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     routing_strategy: RoutingStrategy = "round-robin"
+    qos: QosConfig = Field(default_factory=QosConfig)
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    prefix_chars: Annotated[int, Field(ge=16)] = 512  # prompt prefix hashed by prefix-affinity
+    critical: bool = False  # keeps reserved capacity on shared backends; alerts when degraded
+    reserved_concurrency: Annotated[int, Field(ge=0)] = 0  # per backend, for a critical model
+    min_healthy_backends: Annotated[int, Field(ge=0)] = 1
     owned_by: str = "aiguillage"
     servers: Annotated[list[ServerConfig], Field(min_length=1)]
 
@@ -77,12 +126,16 @@ class GatewayConfig(_Strict):
     """Everything `aiguillage serve` needs, with defaults for the embedded setup."""
 
     database_url: str | None = None
-    site: str | None = None
+    site: str | None = None  # this gateway's datacentre: its backends are preferred at equal load
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     key_cache_ttl_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 3.0
     first_byte_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     health_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    signals_interval_s: Annotated[float, Field(gt=0)] = 2.0  # engine /metrics scrapes
+    circuit_failures: Annotated[int, Field(ge=1)] = 3  # consecutive failures that open it
+    circuit_open_s: Annotated[float, Field(gt=0)] = 10.0  # then one trial request
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # safety net for a lost release
     ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 1.0
     ledger_batch_size: Annotated[int, Field(ge=1)] = 500
     models: list[ModelConfig] = Field(default_factory=list)

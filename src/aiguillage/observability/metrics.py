@@ -89,6 +89,27 @@ class GatewayMetrics:
             ["backend", "cause"],
             registry=r,
         )
+        self.queue_depth = Gauge(
+            "aiguillage_queue_depth",
+            "Requests waiting for a backend, by model and priority.",
+            ["model", "priority"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.circuit_open = Gauge(
+            "aiguillage_backend_circuit_open",
+            "1 while the backend's circuit breaker is open.",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.critical_degraded = Gauge(
+            "aiguillage_critical_model_degraded",
+            "1 when a critical model has fewer usable backends than its minimum (alert on it).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.ledger_dropped = Counter(
             "aiguillage_ledger_dropped_rows",
             "Usage rows dropped because the database stayed unreachable and the buffer was full.",
@@ -99,6 +120,7 @@ class GatewayMetrics:
         self._request_children: dict[tuple[str, str], _RequestChildren] = {}
         self._status_children: dict[tuple[str, str, int], Any] = {}
         self._in_flight_children: dict[str, Any] = {}
+        self._queue_levels: dict[str, set[int]] = {}
 
     def observe_request(
         self,
@@ -132,6 +154,15 @@ class GatewayMetrics:
             children.prompt_tokens.inc(prompt_tokens)
         if completion_tokens:
             children.completion_tokens.inc(completion_tokens)
+
+    def set_queue_depth(self, model: str, snapshot: dict[int, dict[str, int]]) -> None:
+        """Per priority, how many wait; levels that emptied are set back to 0."""
+        seen = self._queue_levels.setdefault(model, set())
+        for priority in seen - set(snapshot):
+            self.queue_depth.labels(model, str(priority)).set(0)
+        for priority, organisations in snapshot.items():
+            self.queue_depth.labels(model, str(priority)).set(sum(organisations.values()))
+        seen |= set(snapshot)
 
     def backend_in_flight(self, backend: str) -> Any:
         """The in-flight gauge of one backend (cached child)."""

@@ -1,0 +1,331 @@
+"""The in-process scheduler: per-model priority queues, leases, QoS and owner-first placement.
+
+A request becomes a `Ticket`. When nobody waits for its model and a backend
+may take it, it gets a `Lease` at once (the fast path: no future, no timer).
+Otherwise it joins its model's queue and waits until the scheduler grants it
+a lease or its `queue_timeout_s` passes. The scheduler re-examines a model's
+queue ("pumps" it) whenever a ticket arrives, a lease ends, or a backend's
+state changes; it never polls.
+
+Placement rules, in order (docs/dispatch.md explains each):
+1. a backend never gets more of our requests than its `max_concurrency`;
+2. slots reserved for a server's owner (`owner_reserved`) or for critical
+   models are not given to others;
+3. the model's QoS policy may keep lower priorities off a backend;
+4. the key's routing mode may restrict it to its organisation's backends;
+5. the model's strategy ranks what is left.
+Owners go first ("coupe-file"): when a backend frees up, waiting tickets of
+the organisation hosting it are placed on it before anyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiguillage.backends.backend import Backend
+from aiguillage.catalog.catalog import Catalog, ModelEntry
+from aiguillage.dispatch.dispatcher import (
+    NoBackendAvailable,
+    NoPrivateBackend,
+    QueueFull,
+    QueueTimeout,
+)
+from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.strategies import Strategy, load_of, make_strategy
+from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
+
+log = logging.getLogger(__name__)
+
+DECISIONS_KEPT = 50
+
+
+@dataclass
+class _ModelState:
+    model: ModelEntry
+    strategy: Strategy
+    queue: ModelQueue = field(default_factory=ModelQueue)
+    decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
+
+
+class LocalScheduler:
+    """The `Dispatcher` of one gateway process (the Redis one shares state between many)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        site: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_queue_change: Callable[[ModelEntry, ModelQueue], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._on_queue_change = on_queue_change
+        self._seq = itertools.count(1)
+        self._states: dict[str, _ModelState] = {}
+        self._models_of: dict[Backend, list[_ModelState]] = {}
+        self.leases: set[Lease] = set()
+        for entry in catalog:
+            state = _ModelState(
+                entry, make_strategy(entry.config.routing_strategy, entry.backends, site)
+            )
+            self._states[entry.name] = state
+            for backend in entry.backends:
+                self._models_of.setdefault(backend, []).append(state)
+
+    # --- the Dispatcher interface ---------------------------------------------------------
+
+    async def acquire(self, ticket: Ticket) -> Lease:
+        """A lease for this ticket, at once or after waiting its turn; raises `DispatchError`."""
+        state = self._states[ticket.model.name]
+        self._check_servable(ticket)
+        if not ticket.seq:
+            ticket.seq = next(self._seq)
+            ticket.enqueued_at = self._clock()
+        if not state.queue.size:  # nobody waits: place now or queue
+            placed = self._place(ticket, state)
+            if placed is not None:
+                return self._grant(ticket, state, *placed)
+        if state.queue.waiting_for_key(ticket.key_id) >= ticket.queue_threshold:
+            raise QueueFull(ticket.model.name)
+        loop = asyncio.get_running_loop()
+        ticket.future = loop.create_future()
+        ticket.timer = loop.call_later(
+            ticket.model.config.queue_timeout_s, self._expire, ticket, state
+        )
+        state.queue.push(ticket)
+        self._queue_changed(state)
+        self._pump(state)
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:  # the client left while waiting
+            if state.queue.remove(ticket):
+                self._queue_changed(state)
+            future = ticket.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result(), ok=None)  # granted just as it was cancelled
+            raise
+        finally:
+            ticket.timer.cancel()
+            ticket.future = None
+
+    def release(self, lease: Lease, ok: bool | None) -> None:
+        """End a lease: `ok` True/False feeds the circuit breaker, None is neutral."""
+        if lease.released:
+            return
+        lease.released = True
+        self.leases.discard(lease)
+        backend = lease.backend
+        backend.in_flight -= 1
+        if ok is True:
+            backend.circuit.on_success()
+        elif ok is False:
+            backend.circuit.on_failure()
+        self.backend_changed(backend)
+
+    def backend_changed(self, backend: Backend) -> None:
+        """Capacity or health of a backend changed: its models' queues may move."""
+        for state in self._models_of.get(backend, ()):
+            if state.queue.size:
+                self._pump(state)
+
+    # --- placement ------------------------------------------------------------------------
+
+    def _check_servable(self, ticket: Ticket) -> None:
+        backends = [b for b in ticket.model.backends if b not in ticket.exclude]
+        if ticket.routing_mode is RoutingMode.PRIVATE_ONLY:
+            backends = [b for b in backends if b.owner == ticket.organisation]
+            if not any(b.owner == ticket.organisation for b in ticket.model.backends):
+                raise NoPrivateBackend(ticket.model.name)
+        if not any(backend.usable() for backend in backends):
+            raise NoBackendAvailable(ticket.model.name)
+
+    def limit(self, ticket: Ticket, backend: Backend) -> int:
+        """How many of our requests this backend may hold when this ticket is added."""
+        owner = backend.owner is not None and backend.owner == ticket.organisation
+        limit = backend.max_concurrency
+        if not owner:
+            limit -= backend.owner_reserved
+        config = ticket.model.config
+        if not config.critical:
+            limit -= backend.reserved_for_critical
+        if config.qos.policy == "parallel-threshold" and not owner:
+            share = config.qos.share_for(ticket.priority)
+            limit = min(limit, max(1, math.floor(share * backend.max_concurrency)))
+        return limit
+
+    def _may_take(self, ticket: Ticket, backend: Backend) -> bool:
+        if backend in ticket.exclude or not backend.usable():
+            return False
+        if ticket.routing_mode is RoutingMode.PRIVATE_ONLY and backend.owner != ticket.organisation:
+            return False
+        if backend.in_flight >= self.limit(ticket, backend):
+            return False
+        qos = ticket.model.config.qos
+        if (
+            qos.policy == "performance"
+            and ticket.priority < qos.protected_priority
+            and backend.owner != ticket.organisation
+            and backend.in_flight > 0  # an idle backend is always fast enough
+        ):
+            ttft = backend.ttft_ewma_s
+            signals = backend.load
+            if ttft is None and signals is not None:
+                ttft = signals.ttft_p95_s
+            if ttft is not None and ttft > qos.ttft_target_s:
+                return False
+            waiting = signals.waiting if signals is not None else None
+            if waiting is not None and waiting > qos.engine_queue_target:
+                return False
+        return True
+
+    def _place(
+        self, ticket: Ticket, state: _ModelState, only: Sequence[Backend] | None = None
+    ) -> tuple[Backend, str, int] | None:
+        backends = only if only is not None else ticket.model.backends
+        candidates = [backend for backend in backends if self._may_take(ticket, backend)]
+        if not candidates:
+            return None
+        if ticket.routing_mode is RoutingMode.PRIVATE_FIRST:
+            own = [b for b in candidates if b.owner == ticket.organisation]
+            if own:
+                backend, reason = state.strategy.choose(ticket, own)
+                return backend, f"private first: {reason}", len(candidates)
+        backend, reason = state.strategy.choose(ticket, candidates)
+        return backend, reason, len(candidates)
+
+    def _grant(
+        self, ticket: Ticket, state: _ModelState, backend: Backend, reason: str, candidates: int
+    ) -> Lease:
+        now = self._clock()
+        ticket.waited_s = now - ticket.enqueued_at
+        backend.in_flight += 1
+        backend.circuit.on_send()
+        lease = Lease(backend, ticket, acquired_at=now, renewed_at=now, reason=reason)
+        self.leases.add(lease)
+        state.decisions.append(
+            {
+                "at": time.time(),
+                "priority": ticket.priority,
+                "organisation": ticket.organisation,
+                "backend": backend.name,
+                "reason": reason,
+                "candidates": candidates,
+                "waited_ms": round(ticket.waited_s * 1000, 3),
+                "load": round(load_of(backend), 3),
+            }
+        )
+        return lease
+
+    def _pump(self, state: _ModelState) -> None:
+        """Give free capacity to waiting tickets, in order; owners first on their backends."""
+        queue = state.queue
+        if not queue.size:
+            return
+        granted = False
+        tickets = list(queue.in_order())
+        owners = {b.owner for b in state.model.backends if b.owner}
+        for ticket in tickets:  # coupe-file: an organisation goes first on what it hosts
+            if ticket.organisation in owners and self._has_room(state):
+                own = [b for b in state.model.backends if b.owner == ticket.organisation]
+                placed = self._place(ticket, state, only=own)
+                if placed is not None:
+                    granted |= self._hand_over(ticket, state, placed)
+        for ticket in tickets:
+            if ticket.future is None or ticket.future.done():
+                continue
+            if not self._has_room(state):
+                break
+            placed = self._place(ticket, state)
+            if placed is not None:
+                granted |= self._hand_over(ticket, state, placed)
+        if granted:
+            self._queue_changed(state)
+
+    def _hand_over(
+        self, ticket: Ticket, state: _ModelState, placed: tuple[Backend, str, int]
+    ) -> bool:
+        future = ticket.future
+        if future is None or future.done():
+            return False
+        state.queue.remove(ticket)
+        state.queue.served(ticket)
+        future.set_result(self._grant(ticket, state, *placed))
+        return True
+
+    @staticmethod
+    def _has_room(state: _ModelState) -> bool:
+        return any(b.in_flight < b.max_concurrency and b.usable() for b in state.model.backends)
+
+    def _expire(self, ticket: Ticket, state: _ModelState) -> None:
+        if state.queue.remove(ticket):
+            self._queue_changed(state)
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_exception(QueueTimeout(ticket.model.name))
+
+    def _queue_changed(self, state: _ModelState) -> None:
+        if self._on_queue_change is not None:
+            self._on_queue_change(state.model, state.queue)
+
+    # --- safety net and explanations ------------------------------------------------------
+
+    def reclaim_stale_leases(self, max_age_s: float) -> int:
+        """Release leases not renewed for `max_age_s` (a bug or a lost task); returns how many."""
+        now = self._clock()
+        stale = [lease for lease in self.leases if now - lease.renewed_at > max_age_s]
+        for lease in stale:
+            log.warning(
+                "reclaiming a lease on %s held for %.0f s",
+                lease.backend.name,
+                now - lease.acquired_at,
+            )
+            self.release(lease, ok=None)
+        return len(stale)
+
+    def explain(self) -> dict[str, Any]:
+        """What /admin/dispatch shows: queues, backends, recent decisions."""
+        backends: dict[str, dict[str, Any]] = {}
+        for backend in self._models_of:
+            signals = backend.load
+            backends[backend.name] = {
+                "in_flight": backend.in_flight,
+                "max_concurrency": backend.max_concurrency,
+                "load": round(load_of(backend), 3),
+                "healthy": backend.healthy,
+                "circuit": str(backend.circuit.state),
+                "site": backend.site,
+                "owner": backend.owner,
+                "owner_reserved": backend.owner_reserved,
+                "reserved_for_critical": backend.reserved_for_critical,
+                "ttft_ewma_ms": None
+                if backend.ttft_ewma_s is None
+                else round(backend.ttft_ewma_s * 1000, 1),
+                "engine": None
+                if signals is None
+                else {
+                    "running": signals.running,
+                    "waiting": signals.waiting,
+                    "kv_cache_usage": signals.kv_cache_usage,
+                    "ttft_p95_s": signals.ttft_p95_s,
+                },
+                "leases": sum(1 for lease in self.leases if lease.backend is backend),
+            }
+        models = {
+            name: {
+                "strategy": state.strategy.name,
+                "qos": state.model.config.qos.policy,
+                "waiting": state.queue.size,
+                "queue": {str(priority): orgs for priority, orgs in state.queue.snapshot().items()},
+                "backends": [backend.name for backend in state.model.backends],
+                "recent_decisions": list(state.decisions)[-20:],
+            }
+            for name, state in self._states.items()
+        }
+        return {"models": models, "backends": backends}
