@@ -13,6 +13,7 @@ from aiguillage.auth.authenticator import Authenticator, KeyLookup
 from aiguillage.backends.backend import Backend
 from aiguillage.backends.health import HealthProber
 from aiguillage.backends.relay import Relay
+from aiguillage.backends.signals import SignalScraper
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.catalog.config import GatewayConfig
 from aiguillage.dispatch.queue import ModelQueue
@@ -56,6 +57,12 @@ class Gateway:
             timeout_s=config.connect_timeout_s,
             on_probe=self._probed,
         )
+        by_url = {backend.metrics_url: backend for backend in self.catalog.backends()}
+        self.scraper = SignalScraper(
+            self.catalog.backends(),
+            lambda url: by_url[url].fetch_metrics(url),
+            config.signals_interval_s,
+        )
         self._maintenance: asyncio.Task[None] | None = None
         self.closers: list[Callable[[], Awaitable[None]]] = []  # run after the ledger's last write
 
@@ -97,6 +104,8 @@ class Gateway:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
             self.scheduler.reclaim_stale_leases(self.config.lease_ttl_s)
+            for backend in self.catalog.backends():  # fresh signals may let queues move
+                self.scheduler.backend_changed(backend)
             for name, degraded in self.critical_degraded().items():
                 self.metrics.critical_degraded.labels(name).set(1 if degraded else 0)
                 if degraded:
@@ -106,6 +115,7 @@ class Gateway:
         self.ledger.start()
         await self.prober.probe_all()
         self.prober.start()
+        self.scraper.start()
         self._maintenance = asyncio.create_task(self._maintain(), name="gateway-maintenance")
 
     async def stop(self) -> None:
@@ -114,6 +124,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
         await self.prober.stop()
+        await self.scraper.stop()
         await self.ledger.close()
         for backend in self.catalog.backends():
             await backend.close()

@@ -101,7 +101,7 @@ def test_same_url_with_different_tokens_gives_distinct_backends() -> None:
     a, b = catalog.resolve("a"), catalog.resolve("b")
     assert a is not None and b is not None
     assert a.backends[0] is not b.backends[0]
-    assert b.backends[0].auth_headers == {"Authorization": "Bearer t2"}
+    assert b.backends[0].auth_headers == [("Authorization", "Bearer t2")]
 
 
 def test_as_openai_lists_aliases(catalog: Catalog) -> None:
@@ -144,4 +144,4 @@ def test_backend_name_is_host_and_port() -> None:
 
 
 def test_backend_without_token_sends_no_authorization() -> None:
-    assert backend("http://h:8000").auth_headers == {}
+    assert backend("http://h:8000").auth_headers == []

@@ -16,8 +16,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
-
 from aiguillage.accounting.stream_usage import SseUsageFilter, TokenCounts, counts_from_body
 from aiguillage.accounting.usage import UsageRecord, UsageSource
 from aiguillage.api.asgi import (
@@ -39,7 +37,8 @@ from aiguillage.api.errors import (
 )
 from aiguillage.api.payload import InferenceRequest, parse_inference_request, parse_priority_header
 from aiguillage.auth.identity import ApiKeyRecord
-from aiguillage.backends.relay import UpstreamResponse
+from aiguillage.backends.http_client import UpstreamError, UpstreamTimeout
+from aiguillage.backends.relay import Upstream
 from aiguillage.dispatch.tickets import RoutingMode, Ticket
 from aiguillage.gateway import Gateway
 
@@ -230,7 +229,7 @@ class InferenceEndpoint:
                 return
             try:
                 payload = await upstream.response.read()
-            except (aiohttp.ClientError, TimeoutError) as error:
+            except UpstreamError as error:
                 ok = False
                 raise _broken_answer(entry.name, error) from None
             exchange.ttft = time.perf_counter()
@@ -252,7 +251,7 @@ class InferenceEndpoint:
 
     async def _relay_stream(
         self,
-        upstream: UpstreamResponse,
+        upstream: Upstream,
         extra: list[tuple[bytes, bytes]],
         exchange: _Exchange,
         send: Send,
@@ -272,7 +271,7 @@ class InferenceEndpoint:
         lease = upstream.lease
         finished = True
         try:
-            async for chunk in upstream.response.content.iter_any():
+            async for chunk in upstream.response.iter_chunks():
                 out = sse.feed(chunk)
                 if out:
                     now = time.monotonic()
@@ -282,7 +281,7 @@ class InferenceEndpoint:
                     lease.renew(now)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = sse.flush()
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except UpstreamError as error:
             log.warning(
                 "backend %s broke a stream: %s", upstream.backend.name, type(error).__name__
             )
@@ -323,6 +322,6 @@ class InferenceEndpoint:
 
 
 def _broken_answer(model: str, error: BaseException) -> ApiError:
-    if isinstance(error, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(error, UpstreamTimeout):
         return gateway_timeout(f"The backend serving '{model}' did not finish its answer in time.")
     return bad_gateway(f"The backend serving '{model}' broke the connection while answering.")

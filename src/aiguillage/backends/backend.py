@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from aiguillage.backends.circuit import CircuitBreaker
+from aiguillage.backends.http_client import HttpPool
 from aiguillage.catalog.config import EngineKind, ServerConfig
 
 if TYPE_CHECKING:
@@ -19,8 +18,8 @@ TTFT_EWMA_WEIGHT = 0.2  # weight of the newest TTFT in the running average
 class Backend:
     """One OpenAI-compatible engine, shared by every model it serves.
 
-    It owns a single aiohttp session (a pool of keep-alive connections), so the
-    cost of TCP set-up is paid once per connection, not once per request.
+    It owns one pool of keep-alive connections, so the cost of TCP set-up is
+    paid once per connection, not once per request.
     """
 
     def __init__(
@@ -49,40 +48,38 @@ class Backend:
         self.last_error: str | None = None
         self.circuit = circuit or CircuitBreaker()
         self.load: EngineLoad | None = None  # the engine's own signals, scraped
+        self.load_stale = False  # the last scrape failed: `load` is old
         self.ttft_ewma_s: float | None = None  # our own recent TTFT measurements
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._base_path = parts.path.rstrip("/")
         token = config.token.get_secret_value() if config.token else None
-        self.auth_headers: dict[str, str] = {"Authorization": f"Bearer {token}"} if token else {}
-        self._session: aiohttp.ClientSession | None = None
+        self.auth_headers: list[tuple[str, str]] = (
+            [("Authorization", f"Bearer {token}")] if token else []
+        )
+        self.pool = HttpPool(
+            self.base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+        )
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=0,  # our own lease accounting bounds concurrency, not the pool
-                keepalive_timeout=60,
-                ttl_dns_cache=300,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
+    def path(self, api_path: str) -> str:
+        """The engine's path for an OpenAI path such as `/v1/chat/completions`.
 
-    def url(self, path: str) -> str:
-        """The engine URL for an OpenAI path such as `/v1/chat/completions`."""
-        if self.base_url.endswith("/v1") and path.startswith("/v1/"):
-            return self.base_url + path[3:]
-        return self.base_url + path
+        A base URL may already end in `/v1` (as OpenAI clients write it) or not.
+        """
+        if self._base_path.endswith("/v1") and api_path.startswith("/v1/"):
+            return self._base_path + api_path[3:]
+        return self._base_path + api_path
+
+    def root_path(self, path: str) -> str:
+        """A path at the engine's root, beside `/v1` (where `/health` and `/metrics` live)."""
+        return self._base_path.removesuffix("/v1") + path
+
+    def url(self, api_path: str) -> str:
+        return self._origin + self.path(api_path)
 
     @property
     def metrics_url(self) -> str:
         """Where the engine publishes its Prometheus metrics (at its root, not under /v1)."""
-        return self.base_url.removesuffix("/v1") + "/metrics"
+        return self._origin + self.root_path("/metrics")
 
     def observe_ttft(self, seconds: float) -> None:
         previous = self.ttft_ewma_s
@@ -91,6 +88,14 @@ class Backend:
             if previous is None
             else TTFT_EWMA_WEIGHT * seconds + (1 - TTFT_EWMA_WEIGHT) * previous
         )
+
+    async def fetch_metrics(self, url: str) -> str:
+        """The engine's Prometheus text, on the backend's own pool (for the signal scraper)."""
+        response = await self.pool.request("GET", self.root_path("/metrics"), self.auth_headers)
+        body = await response.read()
+        if response.status >= 400:
+            raise RuntimeError(f"/metrics answered {response.status}")
+        return body.decode("utf-8", "replace")
 
     def usable(self) -> bool:
         """Up by its last probe and its circuit lets a request through."""
@@ -105,9 +110,7 @@ class Backend:
         self.last_error = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.close()
 
     def __repr__(self) -> str:
         return f"Backend({self.name}, engine={self.engine}, in_flight={self.in_flight})"

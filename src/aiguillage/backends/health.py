@@ -11,9 +11,8 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-import aiohttp
-
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.http_client import UpstreamError
 from aiguillage.observability.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -30,12 +29,10 @@ _HEALTH_PATHS = {
 }
 
 
-def health_url(backend: Backend) -> str:
+def health_path(backend: Backend) -> str:
     """Engines answer health at their root; a plain OpenAI API only under /v1."""
     path = _HEALTH_PATHS[backend.engine]
-    if path.startswith("/v1/"):
-        return backend.url(path)
-    return backend.base_url.removesuffix("/v1") + path
+    return backend.path(path) if path.startswith("/v1/") else backend.root_path(path)
 
 
 class HealthProber:
@@ -51,18 +48,19 @@ class HealthProber:
         self._backends = backends
         self._metrics = metrics
         self._interval = interval_s
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
 
     async def probe(self, backend: Backend) -> bool:
         try:
-            async with backend.session.get(
-                health_url(backend), headers=backend.auth_headers, timeout=self._timeout
-            ) as response:
+            async with asyncio.timeout(self._timeout_s):
+                response = await backend.pool.request(
+                    "GET", health_path(backend), backend.auth_headers
+                )
                 await response.read()
-                up = response.status < 500
-                reason = f"health probe answered {response.status}"
-        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            up = response.status < 500
+            reason = f"health probe answered {response.status}"
+        except (UpstreamError, TimeoutError) as error:
             up, reason = False, f"health probe failed: {type(error).__name__}"
         if up:
             if not backend.healthy:

@@ -9,11 +9,8 @@ caller ends the answer cleanly.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
-
-import aiohttp
 
 from aiguillage.api.errors import (
     ApiError,
@@ -24,6 +21,13 @@ from aiguillage.api.errors import (
 )
 from aiguillage.api.payload import MAX_PRIORITY, InferenceRequest
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.http_client import (
+    UpstreamConnectError,
+    UpstreamTimeout,
+)
+from aiguillage.backends.http_client import (
+    UpstreamResponse as HttpResponse,
+)
 from aiguillage.catalog.catalog import ModelEntry
 from aiguillage.dispatch.dispatcher import (
     Dispatcher,
@@ -39,29 +43,30 @@ from aiguillage.observability.metrics import GatewayMetrics
 log = logging.getLogger(__name__)
 
 # Headers that describe one hop, or that the ASGI server writes itself.
+_JSON_HEADERS = (("Content-Type", "application/json"), ("Accept-Encoding", "identity"))
 _NOT_RELAYED = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "server",
-        "date",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"server",
+        b"date",
     }
 )
 
 
 @dataclass(slots=True)
-class UpstreamResponse:
+class Upstream:
     """An engine's answer whose headers have arrived; the body is still to be read."""
 
     lease: Lease
-    response: aiohttp.ClientResponse
+    response: HttpResponse
     headers: list[tuple[bytes, bytes]]
     attempts: int
     withhold_usage: bool  # we asked for stream usage: drop that event before the client
@@ -89,7 +94,7 @@ class Relay:
         path: str,
         request: InferenceRequest,
         request_id: str,
-    ) -> UpstreamResponse:
+    ) -> Upstream:
         """Get a lease, post the body, and return once the engine's headers are in.
 
         A failure before any byte came back (connection refused, timeout, 5xx)
@@ -113,15 +118,11 @@ class Relay:
             )
             body, withhold_usage = request.upstream_body(model.served_name, engine_priority)
             try:
-                response = await backend.session.post(
-                    backend.url(path),
-                    data=body,
-                    headers={
-                        **backend.auth_headers,
-                        "Content-Type": "application/json",
-                        "Accept-Encoding": "identity",
-                        "X-Request-Id": request_id,
-                    },
+                response = await backend.pool.request(
+                    "POST",
+                    backend.path(path),
+                    [*backend.auth_headers, *_JSON_HEADERS, ("X-Request-Id", request_id)],
+                    body,
                 )
             except BaseException as error:
                 if not isinstance(error, Exception):
@@ -138,13 +139,11 @@ class Relay:
                 response.release()
                 self.end_lease(lease, ok=False)
                 continue
-            return UpstreamResponse(
-                lease, response, relayable_headers(response), attempt, withhold_usage
-            )
+            return Upstream(lease, response, relayable_headers(response), attempt, withhold_usage)
         assert last_error is not None
         raise last_error
 
-    def end(self, upstream: UpstreamResponse, ok: bool | None) -> None:
+    def end(self, upstream: Upstream, ok: bool | None) -> None:
         """Give the connection back (dropped if unread) and end the lease; idempotent."""
         upstream.response.release()
         self.end_lease(upstream.lease, ok)
@@ -156,12 +155,12 @@ class Relay:
 
     def _failure(self, backend: Backend, model: ModelEntry, error: Exception) -> ApiError:
         """Turn a transport error into what the client should see."""
-        if isinstance(error, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(error, UpstreamTimeout):
             cause, api_error = (
                 "timeout",
                 gateway_timeout(f"The backend serving '{model.name}' did not answer in time."),
             )
-        elif isinstance(error, aiohttp.ClientConnectorError | ConnectionError):
+        elif isinstance(error, UpstreamConnectError):
             cause, api_error = (
                 "connect",
                 unavailable(
@@ -207,10 +206,11 @@ def _dispatch_error(model: ModelEntry, error: DispatchError) -> ApiError:
     return unavailable(f"No backend of model '{name}' is available right now; retry shortly.")
 
 
-def relayable_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+def relayable_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
     """The engine's headers minus hop-by-hop ones, as ASGI wants them."""
-    return [
-        (name.lower(), value)
-        for name, value in response.raw_headers
-        if name.decode("latin-1").lower() not in _NOT_RELAYED
-    ]
+    relayed = []
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower not in _NOT_RELAYED:
+            relayed.append((lower, value))
+    return relayed

@@ -37,7 +37,7 @@ def load_of(backend: Backend) -> float:
     is larger when other clients use it too. Its waiting queue and KV-cache use
     come from its scraped metrics, when it publishes any.
     """
-    signals = backend.load
+    signals = None if backend.load_stale else backend.load
     running = float(backend.in_flight)
     waiting = kv = 0.0
     if signals is not None:
