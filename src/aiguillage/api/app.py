@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aiguillage.api.asgi import Receive, Scope, Send
-from aiguillage.api.errors import ApiError, not_found
+from aiguillage.api.errors import ApiError, forbidden, not_found
 from aiguillage.api.inference import InferenceEndpoint
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.catalog.config import GatewayConfig
@@ -49,6 +49,7 @@ class AiguillageApp:
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/readyz", self._readyz, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
+                Route("/admin/dispatch", self._admin_dispatch, methods=["GET"]),
             ],
             exception_handlers={
                 ApiError: _api_error_response,
@@ -112,6 +113,18 @@ class AiguillageApp:
 
     async def _identity(self, request: Request) -> ApiKeyRecord:
         return await self.gateway.authenticator.authenticate(request.headers.get("authorization"))
+
+    async def _admin(self, request: Request) -> ApiKeyRecord:
+        identity = await self._identity(request)
+        if not identity.is_admin:
+            raise forbidden("This route needs an admin key.", code="admin_required")
+        return identity
+
+    async def _admin_dispatch(self, request: Request) -> Response:
+        """Per model, the queue by priority and organisation; per backend, load, leases,
+        circuit; the reasons of the last routing decisions."""
+        await self._admin(request)
+        return _json(self.gateway.scheduler.explain())
 
     async def _list_models(self, request: Request) -> Response:
         identity = await self._identity(request)
