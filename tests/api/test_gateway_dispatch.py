@@ -144,3 +144,13 @@ async def test_admin_dispatch_needs_an_admin_key_and_explains(gateway: RunningGa
     backend = report["backends"][next(iter(report["backends"]))]
     assert {"in_flight", "circuit", "load", "leases"} <= set(backend)
 
+
+async def test_private_only_key_without_a_server_of_its_own_gets_403(
+    gateway: RunningGateway,
+) -> None:
+    key, record = gateway.create_key(name="own", organisation="lab", routing_mode="private-only")
+    assert record.routing_mode == "private-only"
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        response, _ = await _chat(client, key, "plain")
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "no_private_backend"

@@ -86,6 +86,13 @@ def create(
         typer.Option(help="Comma-separated public model names; every model if left out."),
     ] = None,
     admin: Annotated[bool, typer.Option("--admin", help="May call the admin API.")] = False,
+    routing_mode: Annotated[
+        str,
+        typer.Option(
+            "--routing-mode",
+            help="any | private-first | private-only: use of the organisation's own servers.",
+        ),
+    ] = "any",
     expires: Annotated[
         str | None,
         typer.Option(
@@ -110,6 +117,7 @@ def create(
                 allowed_models=allowed,
                 is_admin=admin,
                 expires_at=expires_at,
+                routing_mode=routing_mode,
             )
         except ValueError as error:
             raise CliError(str(error), exit_code=2) from None
@@ -266,6 +274,7 @@ def key_json(record: ApiKeyRecord) -> dict[str, Any]:
         "queue_threshold": record.queue_threshold,
         "allowed_models": None if record.allowed_models is None else list(record.allowed_models),
         "is_admin": record.is_admin,
+        "routing_mode": record.routing_mode,
         "expires_at": iso(record.expires_at),
         "revoked": record.revoked,
         "created_at": iso(record.created_at),

@@ -16,11 +16,15 @@ from sqlalchemy import Row, insert, select, update
 
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.auth.keys import generate_key
+from aiguillage.dispatch.tickets import RoutingMode
 from aiguillage.store.database import Database
 from aiguillage.store.tables import api_keys, as_utc
 
 MAX_PRIORITY = 1000
 MAX_TEXT_LENGTH = 255
+
+
+ROUTING_MODES = tuple(mode.value for mode in RoutingMode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class _NewKey:
     allowed_models: builtins.list[str] | None
     is_admin: bool
     expires_at: datetime | None
+    routing_mode: str
 
 
 class KeyRepository:
@@ -50,13 +55,21 @@ class KeyRepository:
         allowed_models: Sequence[str] | None = None,
         is_admin: bool = False,
         expires_at: datetime | None = None,
+        routing_mode: str = "any",
     ) -> tuple[str, ApiKeyRecord]:
         """Store a new key; returns its secret (shown once, never stored) and its record.
 
         Raises `ValueError` for settings that make no sense, before touching the database.
         """
         new = _validate(
-            name, organisation, priority, queue_threshold, allowed_models, is_admin, expires_at
+            name,
+            organisation,
+            priority,
+            queue_threshold,
+            allowed_models,
+            is_admin,
+            expires_at,
+            routing_mode,
         )
         key = generate_key()
         created_at = datetime.now(UTC)
@@ -76,6 +89,7 @@ class KeyRepository:
                     revoked=False,
                     revoked_at=None,
                     created_at=created_at,
+                    routing_mode=new.routing_mode,
                 )
                 .returning(api_keys.c.id)
             )
@@ -92,6 +106,7 @@ class KeyRepository:
             expires_at=new.expires_at,
             revoked=False,
             created_at=created_at,
+            routing_mode=new.routing_mode,
         )
         return key.secret, record
 
@@ -142,6 +157,7 @@ def _validate(
     allowed_models: Sequence[str] | None,
     is_admin: bool,
     expires_at: datetime | None,
+    routing_mode: str = "any",
 ) -> _NewKey:
     """The settings of a new key, checked and normalised, or a `ValueError` naming the field."""
     name, organisation = name.strip(), organisation.strip()
@@ -161,7 +177,12 @@ def _validate(
         models = list(dict.fromkeys(model.strip() for model in allowed_models))
         if not models or not all(models):
             raise ValueError("allowed_models must hold non-empty model names (None: every model)")
+    if routing_mode not in ROUTING_MODES:
+        raise ValueError(
+            f"routing_mode must be one of {', '.join(ROUTING_MODES)}, got {routing_mode!r}"
+        )
     return _NewKey(
+        routing_mode=routing_mode,
         name=name,
         organisation=organisation,
         priority=priority,
@@ -186,4 +207,5 @@ def _record(row: Row[Any]) -> ApiKeyRecord:
         expires_at=row.expires_at,
         revoked=bool(row.revoked),
         created_at=row.created_at,
+        routing_mode=row.routing_mode,
     )

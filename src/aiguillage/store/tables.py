@@ -88,6 +88,7 @@ api_keys = Table(
     Column("revoked", Boolean, nullable=False),
     Column("revoked_at", UtcDateTime, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("routing_mode", String(16), nullable=False, server_default="any"),
     sqlite_autoincrement=True,  # never reuse an id: usage rows keep pointing at it
 )
 
