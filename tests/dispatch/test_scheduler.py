@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from types import SimpleNamespace
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest

@@ -12,12 +12,13 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from alembic.util import CommandError
+from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -56,10 +57,20 @@ DatabaseUrlOption = Annotated[
         show_default=False,
     ),
 ]
-LIST_COLUMNS = (
-    "ID", "Name", "Organisation", "Prefix", "Priority", "Threshold", "Models", "Admin", "Expires",
-    "Status",
-)  # fmt: skip
+# Name, organisation and models may wrap; what identifies a key (id, prefix) and its
+# status never do, however narrow the terminal.
+LIST_COLUMNS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("ID", {"no_wrap": True, "justify": "right"}),
+    ("Name", {"overflow": "fold"}),
+    ("Org", {"overflow": "fold"}),
+    ("Prefix", {"no_wrap": True}),
+    ("Prio", {"justify": "right"}),
+    ("Queue", {"justify": "right"}),
+    ("Models", {"overflow": "fold"}),
+    ("Admin", {}),
+    ("Expires", {"no_wrap": True}),
+    ("Status", {"no_wrap": True}),
+)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -104,8 +115,11 @@ def create(
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Create a key and print its secret, which is shown this once only."""
-    allowed = parse_models(models) if models is not None else None
-    expires_at = parse_expiry(expires) if expires is not None else None
+    try:  # bad input is refused before the database is even opened
+        allowed = parse_models(models) if models is not None else None
+        expires_at = parse_expiry(expires) if expires is not None else None
+    except CliError as error:
+        fail(str(error), error.exit_code)
 
     async def work(repository: KeyRepository) -> tuple[str, ApiKeyRecord]:
         try:
@@ -154,12 +168,14 @@ def list_keys(
     if not records:
         console.print("No API keys yet: create one with 'aiguillage keys create'.")
         return
-    table = Table(*LIST_COLUMNS)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for header, settings in LIST_COLUMNS:
+        table.add_column(header, **settings)
     for record in records:
         cells = (
             str(record.id), record.name, record.organisation, record.prefix,
             str(record.priority), str(record.queue_threshold), models_text(record),
-            "yes" if record.is_admin else "no", when(record.expires_at), status(record),
+            "yes" if record.is_admin else "no", short_when(record.expires_at), status(record),
         )  # fmt: skip
         table.add_row(*(Text(cell) for cell in cells))  # Text: a name's [brackets] stay text
     console.print(table)
@@ -314,3 +330,10 @@ def iso(moment: datetime | None) -> str | None:
 
 def when(moment: datetime | None) -> str:
     return "never" if moment is None else moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def short_when(moment: datetime | None) -> str:
+    """`when()` for a table cell: the date alone when the time is midnight UTC."""
+    if moment is not None and moment.time() == time(0):
+        return moment.strftime("%Y-%m-%d")
+    return when(moment)

@@ -8,13 +8,16 @@ connection: no subprocess, no alembic.ini, and Alembic never touches the
 application's logging configuration. Several processes may start at once (one
 per worker), so the migration takes a lock first: an advisory lock on
 PostgreSQL, `BEGIN IMMEDIATE` on SQLite. The others wait, then find the schema
-at head and do nothing.
+at head and do nothing. Within a process, an asyncio lock also keeps two
+upgrades from interleaving in Alembic's global state.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from alembic import command
 from alembic.config import Config
@@ -30,6 +33,7 @@ PG_CONNECT_TIMEOUT_S = 10.0
 # Any fixed 64-bit number: every Aiguillage process takes this lock to migrate.
 _PG_MIGRATION_LOCK = 0x41_49_47_55_49_4C_4C_41  # "AIGUILLA"
 _IMMEDIATE = "aiguillage_sqlite_begin_immediate"
+_ALEMBIC_LOCKS: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = WeakKeyDictionary()
 
 
 class Database:
@@ -58,7 +62,7 @@ class Database:
 
     async def upgrade(self) -> None:
         """Migrate the database to the latest schema (Alembic `upgrade head`); idempotent."""
-        async with self.engine.connect() as connection:
+        async with _alembic_lock(), self.engine.connect() as connection:
             if self.is_sqlite:
                 connection = await connection.execution_options(**{_IMMEDIATE: True})
             async with connection.begin():
@@ -110,6 +114,15 @@ def alembic_config(connection: Connection | None = None) -> Config:
     if connection is not None:
         config.attributes["connection"] = connection
     return config
+
+
+def _alembic_lock() -> asyncio.Lock:
+    """This event loop's lock around Alembic, whose `context` is process-global state.
+
+    Two upgrades interleaving on one loop (two databases, or a test starting
+    several workers) would otherwise clobber each other's migration context.
+    """
+    return _ALEMBIC_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
 def _upgrade_head(connection: Connection) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import Dialect, Row, func, select
 
 from aiguillage.accounting.usage import UsageRecord, UsageSource
 from aiguillage.store.database import Database
-from aiguillage.store.tables import usage
+from aiguillage.store.tables import as_utc, usage
 
 _FIELDS = tuple(field.name for field in fields(UsageRecord))
 
@@ -93,7 +92,7 @@ if _FIELDS != _ROW_ORDER:  # _row below spells the fields out, for speed: keep i
 def _row(r: UsageRecord) -> tuple[Any, ...]:
     """A row for drivers with native types (asyncpg): timestamps as aware UTC datetimes."""
     return (
-        r.started_at.astimezone(UTC),
+        as_utc(r.started_at),
         r.request_id,
         r.key_id,
         r.organisation,
@@ -113,7 +112,7 @@ def _row(r: UsageRecord) -> tuple[Any, ...]:
 
 def _sqlite_row(r: UsageRecord) -> tuple[Any, ...]:
     """A row for SQLite: the timestamp in SQLAlchemy's DATETIME text format, in UTC."""
-    started = r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    started = as_utc(r.started_at).strftime("%Y-%m-%d %H:%M:%S.%f")
     return (started, *_row(r)[1:])
 
 
