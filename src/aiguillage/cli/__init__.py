@@ -135,10 +135,12 @@ def _redacted(url: str) -> str:
     return scheme + sep + rest
 
 
-def _register_demo() -> None:
+def _register_commands() -> None:
     from aiguillage.cli.demo import demo
+    from aiguillage.cli.loadtest import loadtest
 
     app.command()(demo)
+    app.command()(loadtest)
 
 
-_register_demo()
+_register_commands()
