@@ -502,3 +502,18 @@ async def test_explain_shows_queues_backends_and_decisions() -> None:
     for task in tasks:
         task.cancel()
     scheduler.release(held, ok=True)
+
+
+async def test_latency_strategy_spreads_load_in_proportion_to_speed() -> None:
+    scheduler, entry = setup(
+        {"url": url("fast"), "max_concurrency": 20},
+        {"url": url("slow"), "max_concurrency": 20},
+        routing_strategy="latency",
+    )
+    fast, slow = entry.backends
+    fast.observe_ttft(0.1)
+    slow.observe_ttft(0.21)  # about twice as slow (no exact ties)
+    leases = [await scheduler.acquire(ticket(entry)) for _ in range(12)]
+    assert fast.in_flight == 8 and slow.in_flight == 4  # no herding onto the fastest
+    for lease in leases:
+        scheduler.release(lease, ok=True)

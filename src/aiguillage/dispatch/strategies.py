@@ -31,20 +31,20 @@ class Strategy(Protocol):
 
 
 def load_of(backend: Backend) -> float:
-    """How busy a backend is, relative to its capacity: our leases, the engine's queue, KV use.
+    """How busy a backend is, relative to its capacity: requests on it, and its KV-cache use.
 
-    Our in-flight count is what we know for sure; the engine's own running count
-    is larger when other clients use it too. Its waiting queue and KV-cache use
-    come from its scraped metrics, when it publishes any.
+    Our in-flight count is what we know for sure; the engine's own running plus
+    waiting count is larger when other clients use it too (it includes ours, so
+    the two are not added). KV-cache use comes from its scraped metrics, when it
+    publishes any.
     """
     signals = None if backend.load_stale else backend.load
-    running = float(backend.in_flight)
-    waiting = kv = 0.0
-    if signals is not None:
-        running = max(running, signals.running or 0.0)
-        waiting = signals.waiting or 0.0
+    requests = float(backend.in_flight)
+    kv = 0.0
+    if signals is not None:  # the engine's own count includes ours and other clients'
+        requests = max(requests, (signals.running or 0.0) + (signals.waiting or 0.0))
         kv = signals.kv_cache_usage or 0.0
-    return (running + waiting) / backend.max_concurrency + kv
+    return requests / backend.max_concurrency + kv
 
 
 class _SitePreference:
@@ -91,7 +91,23 @@ class Weighted:
         return chosen, f"weight {chosen.weight:g} of {total:g}"
 
 
+def recent_ttft(backend: Backend) -> float | None:
+    """Our own running average of the backend's TTFT, else the engine's recent p95."""
+    if backend.ttft_ewma_s is not None:
+        return backend.ttft_ewma_s
+    if backend.load is not None and not backend.load_stale:
+        return backend.load.ttft_p95_s
+    return None
+
+
 class LeastBusy:
+    """Lowest load relative to capacity (see `load_of`); ties at random, local site first.
+
+    It balances the number of requests per slot. Between backends of different
+    speeds that still leaves the slower one as many requests as the others: the
+    `latency` strategy weighs by speed (docs/dispatch.md has the measurements).
+    """
+
     name = "least-busy"
 
     def __init__(self, site: str | None = None, rng: random.Random | None = None) -> None:
@@ -104,7 +120,14 @@ class LeastBusy:
 
 
 class Latency:
-    """Lowest recent TTFT: our own running average, else the engine's p95; unknown counts as 0."""
+    """Lowest expected wait: recent TTFT times the requests already there, plus one.
+
+    Plain "lowest TTFT" sends everything to the backend that was fastest a moment
+    ago until it is not (the herding that makes some gateways send nearly all
+    traffic to one backend); weighting by the requests in flight, as the peak-EWMA
+    balancers do, spreads load in proportion to speed. A backend with no
+    measurement yet counts as fast, so it gets tried.
+    """
 
     name = "latency"
 
@@ -112,16 +135,13 @@ class Latency:
         self._prefer = _SitePreference(site, rng or random.Random())
 
     @staticmethod
-    def ttft(backend: Backend) -> float:
-        if backend.ttft_ewma_s is not None:
-            return backend.ttft_ewma_s
-        if backend.load is not None and backend.load.ttft_p95_s is not None:
-            return backend.load.ttft_p95_s
-        return 0.0
+    def cost(backend: Backend) -> float:
+        return (recent_ttft(backend) or 0.0) * (backend.in_flight + 1)
 
     def choose(self, ticket: Ticket, candidates: Sequence[Backend]) -> tuple[Backend, str]:
-        chosen = self._prefer.best([(self.ttft(backend), backend) for backend in candidates])
-        return chosen, f"lowest recent TTFT ({self.ttft(chosen) * 1000:.0f} ms)"
+        chosen = self._prefer.best([(self.cost(backend), backend) for backend in candidates])
+        ttft = recent_ttft(chosen) or 0.0
+        return chosen, f"lowest expected wait (TTFT {ttft * 1000:.0f} ms, {chosen.in_flight} busy)"
 
 
 class PrefixAffinity:

@@ -1,0 +1,528 @@
+"""The dispatcher's measurements, each in one run, side by side.
+
+    .venv/bin/python bench/dispatch/run.py ramp        # (a) priorities vs FIFO, emulated
+    .venv/bin/python bench/dispatch/run.py slow        # (b) least-busy vs round-robin, 2x slower
+    .venv/bin/python bench/dispatch/run.py prefix      # (c) prefix-affinity, llama.cpp
+    .venv/bin/python bench/dispatch/run.py llama-ramp  # (d) a shortened ramp on llama.cpp
+    .venv/bin/python bench/dispatch/run.py all
+
+Every process listens on 127.0.0.1 and stops at the end; every load is bounded in time
+and count. Results go to bench/out/dispatch-<experiment>-<time>/ and a markdown summary
+is printed (copied into bench/RESULTS.md by hand, with the date and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from aiguillage.backends.local_engine import LlamaCppServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+OUT = ROOT / "bench" / "out"
+
+
+@dataclass
+class Stack:
+    """A gateway (and its keys) in front of some engines."""
+
+    url: str
+    keys: dict[str, str]
+    workdir: Path
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes] | None, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer in {timeout_s} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def emulated_engines(
+    count: int, *, slowdown: list[float] | None = None, max_num_seqs: int = 4, max_tokens: int = 64
+) -> Iterator[list[str]]:
+    args = [
+        PYTHON,
+        "-m",
+        "aiguillage.emulator",
+        "--engines",
+        str(count),
+        "--base-port",
+        "0",
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--max-tokens",
+        str(max_tokens),
+    ]
+    if slowdown:
+        args += ["--slowdown", ",".join(str(s) for s in slowdown)]
+    # the emulator picks free ports itself (--base-port 0) and prints its URLs
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"aiguillage-emulator-{os.getpid()}.log"
+    process = subprocess.Popen(
+        args,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    urls: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(urls) < count and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        urls = [w for w in log.read_text().split() if w.startswith("http://127.0.0.1:")]
+    if len(urls) < count:
+        _stop(process)
+        raise RuntimeError(f"the emulator did not print its URLs (see {log})")
+    try:
+        for url in urls:
+            _wait_http(f"{url}/health", process)
+        yield urls
+    finally:
+        _stop(process)
+
+
+@contextlib.contextmanager
+def llama_engines(count: int, workdir: Path) -> Iterator[list[str]]:
+    servers = [
+        LlamaCppServer(parallel=2, threads=1, log_file=workdir / f"llama-{i}.log")
+        for i in range(count)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        yield [server.url for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextlib.contextmanager
+def gateway(
+    workdir: Path, model: dict[str, Any], keys: dict[str, dict[str, Any]]
+) -> Iterator[Stack]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    database = f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+    config = workdir / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": database,
+                "health_interval_s": 2,
+                "signals_interval_s": 1,
+                "models": [model],
+            }
+        )
+    )
+    secrets = {}
+    for name, options in keys.items():
+        args = [
+            PYTHON,
+            "-m",
+            "aiguillage.cli",
+            "keys",
+            "create",
+            "--name",
+            name,
+            "--org",
+            options.get("org", name),
+            "--priority",
+            str(options.get("priority", 0)),
+            "--threshold",
+            str(options.get("threshold", 1000)),
+            "--json",
+            "--database-url",
+            database,
+        ]
+        created = subprocess.run(args, check=True, capture_output=True)
+        secrets[name] = json.loads(created.stdout)["key"]
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "aiguillage.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=(workdir / "gateway.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/readyz", process)
+        yield Stack(url, secrets, workdir)
+    finally:
+        _stop(process)
+
+
+def loadtest(
+    stack: Stack,
+    out: Path,
+    *,
+    model: str,
+    users: int,
+    ramp_up: float,
+    plateau: float,
+    ramp_down: float,
+    classes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Run `aiguillage loadtest` on a scenario file and return its summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    scenario = {
+        "base_url": stack.url,
+        "model": model,
+        "users": users,
+        "ramp_up_s": ramp_up,
+        "plateau_s": plateau,
+        "ramp_down_s": ramp_down,
+        "request_timeout_s": 300,
+        "max_requests": 50_000,
+        "classes": classes,
+    }
+    path = out / "scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    subprocess.run(
+        [PYTHON, "-m", "aiguillage.cli", "loadtest", "--scenario", str(path), "--out", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary
+
+
+def user_class(name: str, key: str, share: float, **options: Any) -> dict[str, Any]:
+    return {"name": name, "api_key": key, "share": share, "priority_label": name, **options}
+
+
+def _class(summary: dict[str, Any], name: str) -> dict[str, Any]:
+    for entry in summary["classes"]:
+        if entry["name"] == name:
+            return dict(entry)
+    raise KeyError(name)
+
+
+# --- the experiments ----------------------------------------------------------------------
+
+
+def ramp(out: Path) -> str:
+    """(a) Interactive high priority + batch low priority on saturated emulated backends."""
+    engines, seqs = 4, 4
+    rows = []
+    with emulated_engines(engines, max_num_seqs=seqs) as urls:
+        servers = [{"url": url, "engine": "vllm", "max_concurrency": seqs} for url in urls]
+        modes = {
+            "FIFO (one priority, no QoS)": ({"policy": "none"}, 5, 5),
+            "priorities, qos none": ({"policy": "none"}, 10, 1),
+            "priorities + parallel-threshold": (
+                {
+                    "policy": "parallel-threshold",
+                    "shares": [
+                        {"min_priority": 0, "share": 0.5},
+                        {"min_priority": 10, "share": 1.0},
+                    ],
+                },
+                10,
+                1,
+            ),
+        }
+        for label, (qos, high, low) in modes.items():
+            model = {
+                "name": "emulated",
+                "routing_strategy": "least-busy",
+                "qos": qos,
+                "queue_timeout_s": 600,
+                "servers": servers,
+            }
+            keys = {
+                "interactive": {"priority": high, "org": "interactive"},
+                "batch": {"priority": low, "org": "batch"},
+            }
+            slug = label.split(" ")[0].lower().strip(",")
+            with gateway(out / f"gw-{slug}-{len(rows)}", model, keys) as stack:
+                interactive = user_class(
+                    "interactive", stack.keys["interactive"], 0.2, prompt_words=60, max_tokens=64
+                )
+                batch = user_class(
+                    "batch", stack.keys["batch"], 0.8, prompt_words=300, max_tokens=64
+                )
+                base = loadtest(
+                    stack,
+                    out / f"unloaded-{len(rows)}",
+                    model="emulated",
+                    users=1,
+                    ramp_up=0,
+                    plateau=15,
+                    ramp_down=0,
+                    classes=[{**interactive, "share": 1.0}],
+                )
+                loaded = loadtest(
+                    stack,
+                    out / f"ramp-{len(rows)}",
+                    model="emulated",
+                    users=40,
+                    ramp_up=30,
+                    plateau=60,
+                    ramp_down=30,
+                    classes=[interactive, batch],
+                )
+            unloaded = _class(base, "interactive")["ttft_p95_s"]
+            inter, batch = _class(loaded, "interactive"), _class(loaded, "batch")
+            rows.append(
+                f"| {label} | {unloaded * 1000:.0f} | {inter['ttft_p95_s'] * 1000:.0f} | "
+                f"{inter['ttft_p95_s'] / unloaded:.2f}x | {batch['ttft_p95_s'] * 1000:.0f} | "
+                f"{inter['requests']} / {inter['errors']} | "
+                f"{batch['requests']} / {batch['errors']} |"
+            )
+    return "\n".join(
+        [
+            f"4 emulated vLLM engines x {seqs} sequences; 40 users (8 interactive, 32 batch, "
+            "streaming, 64 tokens), ramp 30 s, plateau 60 s, ramp-down 30 s; least-busy.",
+            "",
+            "| mode | interactive p95 TTFT unloaded (ms) | interactive p95 TTFT loaded (ms) "
+            "| ratio | "
+            "batch p95 TTFT (ms) | interactive requests / errors | batch requests / errors |",
+            "|---|---:|---:|---:|---:|---|---|",
+            *rows,
+        ]
+    )
+
+
+def slow_backend(out: Path) -> str:
+    """(b) Least-busy vs round-robin when one of two backends is twice as slow."""
+    rows = []
+    with emulated_engines(2, slowdown=[1.0, 2.0], max_num_seqs=4) as urls:
+        servers = [{"url": url, "engine": "vllm", "max_concurrency": 16} for url in urls]
+        for strategy in ("round-robin", "least-busy", "latency"):
+            model = {
+                "name": "emulated",
+                "routing_strategy": strategy,
+                "servers": servers,
+                "queue_timeout_s": 600,
+            }
+            with gateway(out / f"gw-{strategy}", model, {"user": {}}) as stack:
+                summary = loadtest(
+                    stack,
+                    out / strategy,
+                    model="emulated",
+                    users=8,
+                    ramp_up=2,
+                    plateau=40,
+                    ramp_down=2,
+                    classes=[
+                        user_class("user", stack.keys["user"], 1.0, prompt_words=100, max_tokens=64)
+                    ],
+                )
+            entry = _class(summary, "user")
+            rows.append((strategy, entry))
+    rr, lb, lat = rows[0][1], rows[1][1], rows[2][1]
+    lines = [
+        f"| {name} | {e['latency_p50_s']:.2f} | {e['latency_p95_s']:.2f} | "
+        f"{e['requests']} | {e['errors']} |"
+        for name, e in rows
+    ]
+    gain = 1 - lb["latency_p95_s"] / rr["latency_p95_s"]
+    latency_gain = 1 - lat["latency_p95_s"] / rr["latency_p95_s"]
+    return "\n".join(
+        [
+            "2 emulated engines (4 sequences each, their own queue beyond), the second 2x "
+            "slower; max_concurrency 16 each; 8 closed-loop streaming users for 40 s.",
+            "",
+            "| strategy | latency p50 (s) | latency p95 (s) | requests | errors |",
+            "|---|---:|---:|---:|---:|",
+            *lines,
+            "",
+            f"least-busy p95 is {gain * 100:.0f}% lower than round-robin's (target ≥ 30%); "
+            f"latency's is {latency_gain * 100:.0f}% lower.",
+        ]
+    )
+
+
+def prefix(out: Path) -> str:
+    """(c) Prefix-affinity vs round-robin on two real llama.cpp servers, shared long prefixes."""
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    with llama_engines(2, out) as urls:
+        servers = [{"url": url, "engine": "llamacpp", "max_concurrency": 2} for url in urls]
+        for strategy in ("round-robin", "prefix-affinity"):
+            model = {
+                "name": "smollm2",
+                "model": "SmolLM2-135M-Instruct",
+                "routing_strategy": strategy,
+                "servers": servers,
+                "queue_timeout_s": 600,
+                "prefix_chars": 512,
+            }
+            with gateway(out / f"gw-{strategy}", model, {"user": {}}) as stack:
+                prefixes = [
+                    user_class(
+                        f"prefix{i}",
+                        stack.keys["user"],
+                        0.25,
+                        prompt_words=15,
+                        shared_prefix_words=300,
+                        max_tokens=8,
+                    )
+                    for i in range(4)
+                ]
+                summary = loadtest(
+                    stack,
+                    out / strategy,
+                    model="smollm2",
+                    users=4,
+                    ramp_up=0,
+                    plateau=45,
+                    ramp_down=0,
+                    classes=prefixes,
+                )
+            rows.append((strategy, _class(summary, "all")))
+    rr, pa = rows[0][1], rows[1][1]
+    lines = [
+        f"| {name} | {e['ttft_p50_s'] * 1000:.0f} | {e['ttft_p95_s'] * 1000:.0f} | "
+        f"{e['requests']} |"
+        for name, e in rows
+    ]
+    return "\n".join(
+        [
+            "2 llama.cpp servers (SmolLM2-135M, 2 slots, 1 thread each); 4 users, each with its "
+            "own 300-word system prompt and a 15-word question; 8 tokens out; 45 s.",
+            "",
+            "| strategy | TTFT p50 (ms) | TTFT p95 (ms) | requests |",
+            "|---|---:|---:|---:|",
+            *lines,
+            "",
+            f"prefix-affinity TTFT p50 is {rr['ttft_p50_s'] / pa['ttft_p50_s']:.2f}x lower "
+            "(target ≥ 2x).",
+        ]
+    )
+
+
+def llama_ramp(out: Path) -> str:
+    """(d) A shortened ramp against two real llama.cpp servers, priorities on."""
+    out.mkdir(parents=True, exist_ok=True)
+    with llama_engines(2, out) as urls:
+        servers = [{"url": url, "engine": "llamacpp", "max_concurrency": 2} for url in urls]
+        model = {
+            "name": "smollm2",
+            "model": "SmolLM2-135M-Instruct",
+            "routing_strategy": "least-busy",
+            "servers": servers,
+            "queue_timeout_s": 600,
+            "qos": {
+                "policy": "parallel-threshold",
+                "shares": [{"min_priority": 0, "share": 0.5}, {"min_priority": 10, "share": 1.0}],
+            },
+        }
+        keys = {
+            "interactive": {"priority": 10, "org": "interactive"},
+            "batch": {"priority": 1, "org": "batch"},
+        }
+        with gateway(out / "gw", model, keys) as stack:
+            interactive = user_class(
+                "interactive", stack.keys["interactive"], 0.2, prompt_words=40, max_tokens=16
+            )
+            batch = user_class("batch", stack.keys["batch"], 0.8, prompt_words=150, max_tokens=16)
+            base = loadtest(
+                stack,
+                out / "unloaded",
+                model="smollm2",
+                users=1,
+                ramp_up=0,
+                plateau=15,
+                ramp_down=0,
+                classes=[{**interactive, "share": 1.0}],
+            )
+            loaded = loadtest(
+                stack,
+                out / "ramp",
+                model="smollm2",
+                users=10,
+                ramp_up=20,
+                plateau=40,
+                ramp_down=20,
+                classes=[interactive, batch],
+            )
+    unloaded = _class(base, "interactive")["ttft_p95_s"]
+    lines = []
+    for name in ("interactive", "batch"):
+        e = _class(loaded, name)
+        lines.append(
+            f"| {name} | {e['ttft_p50_s'] * 1000:.0f} | {e['ttft_p95_s'] * 1000:.0f} | "
+            f"{e['latency_p95_s']:.2f} | {e['requests']} | {e['errors']} |"
+        )
+    return "\n".join(
+        [
+            "2 llama.cpp servers (SmolLM2-135M, 2 slots, 1 thread each); 10 users (2 interactive "
+            "priority 10, 8 batch priority 1), ramp 20 s, plateau 40 s, ramp-down 20 s; 16 tokens; "
+            "least-busy + parallel-threshold (batch ≤ 50%).",
+            "",
+            f"Interactive p95 TTFT alone: {unloaded * 1000:.0f} ms.",
+            "",
+            "| class | TTFT p50 (ms) | TTFT p95 (ms) | latency p95 (s) | requests | errors |",
+            "|---|---:|---:|---:|---:|---:|",
+            *lines,
+        ]
+    )
+
+
+EXPERIMENTS = {"ramp": ramp, "slow": slow_backend, "prefix": prefix, "llama-ramp": llama_ramp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    args = parser.parse_args()
+    chosen = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    print(
+        f"# dispatch benchmark, {time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    for name in chosen:
+        out = OUT / f"dispatch-{name}-{stamp}"
+        started = time.monotonic()
+        report = EXPERIMENTS[name](out)
+        print(
+            f"\n## {name} ({time.monotonic() - started:.0f} s; files in {out.relative_to(ROOT)})\n"
+        )
+        print(report, flush=True)
+
+
+if __name__ == "__main__":
+    main()
