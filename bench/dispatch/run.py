@@ -245,22 +245,22 @@ def ramp(out: Path) -> str:
     rows = []
     with emulated_engines(engines, max_num_seqs=seqs) as urls:
         servers = [{"url": url, "engine": "vllm", "max_concurrency": seqs} for url in urls]
-        modes = {
-            "FIFO (one priority, no QoS)": ({"policy": "none"}, 5, 5),
-            "priorities, qos none": ({"policy": "none"}, 10, 1),
-            "priorities + parallel-threshold": (
-                {
-                    "policy": "parallel-threshold",
-                    "shares": [
-                        {"min_priority": 0, "share": 0.5},
-                        {"min_priority": 10, "share": 1.0},
-                    ],
-                },
-                10,
-                1,
-            ),
+        threshold = {
+            "policy": "parallel-threshold",
+            "shares": [{"min_priority": 0, "share": 0.5}, {"min_priority": 10, "share": 1.0}],
         }
-        for label, (qos, high, low) in modes.items():
+        quarter = {
+            "policy": "parallel-threshold",
+            "shares": [{"min_priority": 0, "share": 0.25}, {"min_priority": 10, "share": 1.0}],
+        }
+        # mode: (QoS, interactive priority, batch priority, same organisation for both)
+        modes = {
+            "plain FIFO (one priority, one organisation)": ({"policy": "none"}, 5, 5, True),
+            "priorities, QoS none": ({"policy": "none"}, 10, 1, False),
+            "priorities + parallel-threshold (batch 50%)": (threshold, 10, 1, False),
+            "priorities + parallel-threshold (batch 25%)": (quarter, 10, 1, False),
+        }
+        for label, (qos, high, low, one_org) in modes.items():
             model = {
                 "name": "emulated",
                 "routing_strategy": "least-busy",
@@ -269,8 +269,8 @@ def ramp(out: Path) -> str:
                 "servers": servers,
             }
             keys = {
-                "interactive": {"priority": high, "org": "interactive"},
-                "batch": {"priority": low, "org": "batch"},
+                "interactive": {"priority": high, "org": "shared" if one_org else "interactive"},
+                "batch": {"priority": low, "org": "shared" if one_org else "batch"},
             }
             slug = label.split(" ")[0].lower().strip(",")
             with gateway(out / f"gw-{slug}-{len(rows)}", model, keys) as stack:
