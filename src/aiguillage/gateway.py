@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -12,6 +10,7 @@ from aiguillage.accounting.usage import UsageRecord
 from aiguillage.auth.authenticator import Authenticator, KeyLookup
 from aiguillage.backends.backend import Backend
 from aiguillage.backends.health import HealthProber
+from aiguillage.backends.periodic import Periodic
 from aiguillage.backends.relay import Relay
 from aiguillage.backends.signals import SignalScraper
 from aiguillage.catalog.catalog import Catalog, ModelEntry
@@ -63,7 +62,7 @@ class Gateway:
             lambda url: by_url[url].fetch_metrics(url),
             config.signals_interval_s,
         )
-        self._maintenance: asyncio.Task[None] | None = None
+        self._maintenance = Periodic("gateway-maintenance", self._maintain, MAINTENANCE_INTERVAL_S)
         self.closers: list[Callable[[], Awaitable[None]]] = []  # run after the ledger's last write
 
     def record(self, row: UsageRecord) -> None:
@@ -101,28 +100,23 @@ class Gateway:
 
     async def _maintain(self) -> None:
         """The slow loop: the lease safety net and the critical-model alert."""
-        while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
-            self.scheduler.reclaim_stale_leases(self.config.lease_ttl_s)
-            for backend in self.catalog.backends():  # fresh signals may let queues move
-                self.scheduler.backend_changed(backend)
-            for name, degraded in self.critical_degraded().items():
-                self.metrics.critical_degraded.labels(name).set(1 if degraded else 0)
-                if degraded:
-                    log.error("critical model %s is below its minimum of usable backends", name)
+        self.scheduler.reclaim_stale_leases(self.config.lease_ttl_s)
+        for backend in self.catalog.backends():  # fresh signals may let queues move
+            self.scheduler.backend_changed(backend)
+        for name, degraded in self.critical_degraded().items():
+            self.metrics.critical_degraded.labels(name).set(1 if degraded else 0)
+            if degraded:
+                log.error("critical model %s is below its minimum of usable backends", name)
 
     async def start(self) -> None:
         self.ledger.start()
         await self.prober.probe_all()
         self.prober.start()
         self.scraper.start()
-        self._maintenance = asyncio.create_task(self._maintain(), name="gateway-maintenance")
+        self._maintenance.start()
 
     async def stop(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        await self._maintenance.stop()
         await self.prober.stop()
         await self.scraper.stop()
         await self.ledger.close()

@@ -7,12 +7,12 @@ probe also brings back a backend that the relay marked down after a failure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
 from aiguillage.backends.backend import Backend
 from aiguillage.backends.http_client import UpstreamError
+from aiguillage.backends.periodic import Periodic
 from aiguillage.observability.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,8 @@ class HealthProber:
         self._on_probe = on_probe
         self._backends = backends
         self._metrics = metrics
-        self._interval = interval_s
         self._timeout_s = timeout_s
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("health-prober", self.probe_all, interval_s)
 
     async def probe(self, backend: Backend) -> bool:
         try:
@@ -79,17 +78,7 @@ class HealthProber:
         await asyncio.gather(*(self.probe(backend) for backend in self._backends))
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="health-prober")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await self.probe_all()
-            await asyncio.sleep(self._interval)
+        await self._periodic.stop()

@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 SMOLLM2_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -70,12 +71,14 @@ class LlamaCppServer:
         context: int = 4096,
         threads: int = 1,
         log_file: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
         self.parallel = parallel
         self.context = context
         self.threads = threads
         self.log_file = log_file
+        self.extra_args = tuple(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,6 +104,7 @@ class LlamaCppServer:
             str(self.threads),
             "--metrics",
             "--no-webui",
+            *self.extra_args,
         ]
 
     def start(self, timeout_s: float = 60.0) -> LlamaCppServer:

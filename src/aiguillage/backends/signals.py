@@ -36,7 +36,6 @@ with it, running and waiting would be counted once per rank.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -45,6 +44,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from aiguillage.backends.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -316,10 +317,9 @@ class SignalScraper:
     ) -> None:
         self._tracked = [_Tracked(target) for target in targets if has_metrics(target.engine)]
         self._fetch = fetch
-        self._interval = interval_s
         self._timeout = interval_s if timeout_s is None else timeout_s
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("signal-scraper", self.scrape_once, interval_s)
 
     @property
     def targets(self) -> list[ScrapeTarget]:
@@ -353,17 +353,8 @@ class SignalScraper:
         tracked.stale = target.load_stale = False
 
     def start(self) -> None:
-        if self._task is None and self._tracked:
-            self._task = asyncio.create_task(self._run(), name="signal-scraper")
+        if self._tracked:
+            self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await self.scrape_once()
-            await asyncio.sleep(self._interval)
+        await self._periodic.stop()
