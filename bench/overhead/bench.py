@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import datetime as dt
 import json
 import os
@@ -160,10 +161,8 @@ def request_body(model: str, stream: bool) -> bytes:
 
 
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)  # the group this script created for this child
-    except ProcessLookupError:
-        pass
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
@@ -185,13 +184,11 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
 
 def stop_all() -> None:
     for proc in list(reversed(_children)):
-        try:
+        with contextlib.suppress(Exception):
             stop(proc, timeout=5)
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
 
 
-def _on_signal(signum, frame):  # noqa: ANN001
+def _on_signal(signum, frame):
     stop_all()
     sys.exit(128 + signum)
 
@@ -447,7 +444,7 @@ def version_of(cmd: list[str]) -> str:
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         return (res.stdout + res.stderr).strip().splitlines()[-1].strip()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return f"unknown ({err})"
 
 
@@ -465,10 +462,8 @@ class Target:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGCONT)  # may be frozen by isolate()
-            except ProcessLookupError:
-                pass
         stop(self.proc)
         self.proc = None
 
@@ -908,7 +903,7 @@ def summarise_profile(raw: Path, top: int = 25) -> dict:
         total += count
         short = [_short(f) for f in frames]
         self_count[short[-1]] = self_count.get(short[-1], 0) + count
-        py = [f for f, raw_f in zip(short, frames) if _is_py_frame(raw_f)]
+        py = [f for f, raw_f in zip(short, frames, strict=False) if _is_py_frame(raw_f)]
         leaf_py = py[-1] if py else short[-1]
         self_py[leaf_py] = self_py.get(leaf_py, 0) + count
         for key in set(short):
@@ -1337,11 +1332,11 @@ def main() -> int:
     running: dict[str, tuple[Target, dict]] = {}
     entries: dict[str, dict] = {}
 
-    def attempt(name: str, what: str, fn):  # noqa: ANN001, ANN202
+    def attempt(name: str, what: str, fn):
         """Run one step for one target; a failure is recorded and that target dropped."""
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - report and go on with the others
+        except Exception as err:
             entries[name]["error"] = f"{what}: {type(err).__name__}: {err}"
             print(f"   ERROR {name}: {entries[name]['error']}", flush=True)
             tgt, _ = running.pop(name, (None, None))
@@ -1356,10 +1351,8 @@ def main() -> int:
         then wait (bounded) for the machine to be quiet.  Returns the busy cores seen."""
         for other, (tgt, _) in running.items():
             if tgt.proc is not None and tgt.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(tgt.proc.pid, signal.SIGCONT if other == name else signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
         if not wait:
             return 0.0
         # per step at most --quiet-wait s, over the whole run at most --quiet-budget s
