@@ -20,7 +20,6 @@ class ModelEntry:
     served_name: str
     aliases: tuple[str, ...]
     owned_by: str
-    routing_strategy: str
     backends: tuple[Backend, ...]
     config: ModelConfig
     created: int = field(default_factory=lambda: int(time.time()))
@@ -77,7 +76,6 @@ class Catalog:
                 served_name=model.served_name,
                 aliases=tuple(model.aliases),
                 owned_by=model.owned_by,
-                routing_strategy=model.routing_strategy,
                 backends=backend_for(model),
                 config=model,
             )
