@@ -240,6 +240,41 @@ def _class(summary: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(name)
 
 
+def unloaded_then_ramp(
+    stack: Stack,
+    out: Path,
+    model: str,
+    interactive: dict[str, Any],
+    batch: dict[str, Any],
+    *,
+    users: int,
+    ramp_s: float,
+    plateau_s: float,
+) -> tuple[float, dict[str, Any]]:
+    """Interactive p95 TTFT of one interactive user alone, then the summary of the mixed ramp."""
+    base = loadtest(
+        stack,
+        out.with_name(f"unloaded-{out.name}"),
+        model=model,
+        users=1,
+        ramp_up=0,
+        plateau=15,
+        ramp_down=0,
+        classes=[{**interactive, "share": 1.0}],
+    )
+    loaded = loadtest(
+        stack,
+        out,
+        model=model,
+        users=users,
+        ramp_up=ramp_s,
+        plateau=plateau_s,
+        ramp_down=ramp_s,
+        classes=[interactive, batch],
+    )
+    return float(_class(base, "interactive")["ttft_p95_s"]), loaded
+
+
 # --- the experiments ----------------------------------------------------------------------
 
 
@@ -284,27 +319,16 @@ def ramp(out: Path) -> str:
                 batch = user_class(
                     "batch", stack.keys["batch"], 0.8, prompt_words=300, max_tokens=64
                 )
-                base = loadtest(
-                    stack,
-                    out / f"unloaded-{len(rows)}",
-                    model="emulated",
-                    users=1,
-                    ramp_up=0,
-                    plateau=15,
-                    ramp_down=0,
-                    classes=[{**interactive, "share": 1.0}],
-                )
-                loaded = loadtest(
+                unloaded, loaded = unloaded_then_ramp(
                     stack,
                     out / f"ramp-{len(rows)}",
-                    model="emulated",
+                    "emulated",
+                    interactive,
+                    batch,
                     users=40,
-                    ramp_up=30,
-                    plateau=60,
-                    ramp_down=30,
-                    classes=[interactive, batch],
+                    ramp_s=30,
+                    plateau_s=60,
                 )
-            unloaded = _class(base, "interactive")["ttft_p95_s"]
             inter, batch = _class(loaded, "interactive"), _class(loaded, "batch")
             rows.append(
                 f"| {label} | {unloaded * 1000:.0f} | {inter['ttft_p95_s'] * 1000:.0f} | "
@@ -464,27 +488,16 @@ def llama_ramp(out: Path) -> str:
                 "interactive", stack.keys["interactive"], 0.2, prompt_words=40, max_tokens=16
             )
             batch = user_class("batch", stack.keys["batch"], 0.8, prompt_words=150, max_tokens=16)
-            base = loadtest(
-                stack,
-                out / "unloaded",
-                model="smollm2",
-                users=1,
-                ramp_up=0,
-                plateau=15,
-                ramp_down=0,
-                classes=[{**interactive, "share": 1.0}],
-            )
-            loaded = loadtest(
+            unloaded, loaded = unloaded_then_ramp(
                 stack,
                 out / "ramp",
-                model="smollm2",
+                "smollm2",
+                interactive,
+                batch,
                 users=10,
-                ramp_up=20,
-                plateau=40,
-                ramp_down=20,
-                classes=[interactive, batch],
+                ramp_s=20,
+                plateau_s=40,
             )
-    unloaded = _class(base, "interactive")["ttft_p95_s"]
     lines = []
     for name in ("interactive", "batch"):
         e = _class(loaded, name)
