@@ -275,6 +275,30 @@ def unloaded_then_ramp(
     return float(_class(base, "interactive")["ttft_p95_s"]), loaded
 
 
+def _interactive_alone(
+    out: Path, servers: list[dict[str, Any]], *, users: int, ramp_s: float, plateau_s: float
+) -> float:
+    """Interactive p95 TTFT of the interactive users alone on the ramp: the load they put
+    on the engines themselves, with no lower-priority traffic at all."""
+    model = {"name": "emulated", "routing_strategy": "least-busy", "servers": servers}
+    with gateway(out / f"gw-alone-{users}", model, {"interactive": {"priority": 10}}) as stack:
+        summary = loadtest(
+            stack,
+            out / f"interactive-alone-{users}",
+            model="emulated",
+            users=users,
+            ramp_up=ramp_s,
+            plateau=plateau_s,
+            ramp_down=ramp_s,
+            classes=[
+                user_class(
+                    "interactive", stack.keys["interactive"], 1.0, prompt_words=60, max_tokens=64
+                )
+            ],
+        )
+    return float(_class(summary, "interactive")["ttft_p95_s"])
+
+
 # --- the experiments ----------------------------------------------------------------------
 
 
@@ -292,14 +316,28 @@ def ramp(out: Path) -> str:
             "policy": "parallel-threshold",
             "shares": [{"min_priority": 0, "share": 0.25}, {"min_priority": 10, "share": 1.0}],
         }
-        # mode: (QoS, interactive priority, batch priority, same organisation for both)
+        performance = {"policy": "performance", "protected_priority": 10, "ttft_target_s": 0.15}
+        # mode: (QoS, interactive priority, batch priority, same organisation for both,
+        #        interactive users out of the 40)
         modes = {
-            "plain FIFO (one priority, one organisation)": ({"policy": "none"}, 5, 5, True),
-            "priorities, QoS none": ({"policy": "none"}, 10, 1, False),
-            "priorities + parallel-threshold (batch 50%)": (threshold, 10, 1, False),
-            "priorities + parallel-threshold (batch 25%)": (quarter, 10, 1, False),
+            "plain FIFO (one priority, one organisation)": ({"policy": "none"}, 5, 5, True, 8),
+            "priorities, QoS none": ({"policy": "none"}, 10, 1, False, 8),
+            "priorities + parallel-threshold (batch 50%)": (threshold, 10, 1, False, 8),
+            "priorities + parallel-threshold (batch 25%)": (quarter, 10, 1, False, 8),
+            "priorities + performance (TTFT target 150 ms)": (performance, 10, 1, False, 8),
+            "priorities + parallel-threshold (batch 25%), 2 interactive users": (
+                quarter,
+                10,
+                1,
+                False,
+                2,
+            ),
         }
-        for label, (qos, high, low, one_org) in modes.items():
+        alone = {
+            count: _interactive_alone(out, servers, users=count, ramp_s=30, plateau_s=60)
+            for count in sorted({mode[4] for mode in modes.values()})
+        }
+        for label, (qos, high, low, one_org, interactive_users) in modes.items():
             model = {
                 "name": "emulated",
                 "routing_strategy": "least-busy",
@@ -313,11 +351,16 @@ def ramp(out: Path) -> str:
             }
             slug = label.split(" ")[0].lower().strip(",")
             with gateway(out / f"gw-{slug}-{len(rows)}", model, keys) as stack:
+                share = interactive_users / 40
                 interactive = user_class(
-                    "interactive", stack.keys["interactive"], 0.2, prompt_words=60, max_tokens=64
+                    "interactive",
+                    stack.keys["interactive"],
+                    share,
+                    prompt_words=60,
+                    max_tokens=64,
                 )
                 batch = user_class(
-                    "batch", stack.keys["batch"], 0.8, prompt_words=300, max_tokens=64
+                    "batch", stack.keys["batch"], 1 - share, prompt_words=300, max_tokens=64
                 )
                 unloaded, loaded = unloaded_then_ramp(
                     stack,
@@ -332,70 +375,91 @@ def ramp(out: Path) -> str:
             inter, batch = _class(loaded, "interactive"), _class(loaded, "batch")
             rows.append(
                 f"| {label} | {unloaded * 1000:.0f} | {inter['ttft_p95_s'] * 1000:.0f} | "
-                f"{inter['ttft_p95_s'] / unloaded:.2f}x | {batch['ttft_p95_s'] * 1000:.0f} | "
+                f"{inter['ttft_p95_s'] / unloaded:.2f}x | "
+                f"{inter['ttft_p95_s'] / alone[interactive_users]:.2f}x | "
+                f"{batch['ttft_p95_s'] * 1000:.0f} | "
                 f"{inter['requests']} / {inter['errors']} | "
                 f"{batch['requests']} / {batch['errors']} |"
             )
     return "\n".join(
         [
-            f"4 emulated vLLM engines x {seqs} sequences; 40 users (8 interactive, 32 batch, "
-            "streaming, 64 tokens), ramp 30 s, plateau 60 s, ramp-down 30 s; least-busy.",
+            f"4 emulated vLLM engines x {seqs} sequences; 40 users (8 interactive and 32 batch "
+            "unless the mode says otherwise; streaming, 64 tokens), ramp 30 s, plateau 60 s, "
+            "ramp-down 30 s; least-busy. Two references for the interactive p95 TTFT: one "
+            "interactive user alone for 15 s (per mode), and the interactive users alone on the "
+            "same ramp with no batch traffic: "
+            + ", ".join(f"{n} users {v * 1000:.0f} ms" for n, v in alone.items())
+            + ".",
             "",
-            "| mode | interactive p95 TTFT unloaded (ms) | interactive p95 TTFT loaded (ms) "
-            "| ratio | "
+            "| mode | interactive p95 TTFT, one user alone (ms) | interactive p95 TTFT loaded (ms) "
+            "| ratio to one user alone | ratio to interactive traffic alone | "
             "batch p95 TTFT (ms) | interactive requests / errors | batch requests / errors |",
-            "|---|---:|---:|---:|---:|---|---|",
+            "|---|---:|---:|---:|---:|---:|---|---|",
             *rows,
         ]
     )
 
 
+# (users, think time s): back-to-back users as many as the engines' slots, then loads with
+# thinking users that offer more than round-robin's half share lets the slow backend serve.
+SLOW_LOADS = ((8, 0.0), (16, 2.0), (20, 2.0), (24, 3.0))
+SLOW_STRATEGIES = ("round-robin", "least-busy", "latency")
+
+
 def slow_backend(out: Path) -> str:
-    """(b) Least-busy vs round-robin when one of two backends is twice as slow."""
-    rows = []
+    """(b) Least-busy vs round-robin when one of two backends is twice as slow, over loads."""
+    lines = []
     with emulated_engines(2, slowdown=[1.0, 2.0], max_num_seqs=4) as urls:
         servers = [{"url": url, "engine": "vllm", "max_concurrency": 16} for url in urls]
-        for strategy in ("round-robin", "least-busy", "latency"):
-            model = {
-                "name": "emulated",
-                "routing_strategy": strategy,
-                "servers": servers,
-                "queue_timeout_s": 600,
-            }
-            with gateway(out / f"gw-{strategy}", model, {"user": {}}) as stack:
-                summary = loadtest(
-                    stack,
-                    out / strategy,
-                    model="emulated",
-                    users=8,
-                    ramp_up=2,
-                    plateau=40,
-                    ramp_down=2,
-                    classes=[
-                        user_class("user", stack.keys["user"], 1.0, prompt_words=100, max_tokens=64)
-                    ],
+        for users, think in SLOW_LOADS:
+            p95: dict[str, float] = {}
+            for strategy in SLOW_STRATEGIES:
+                model = {
+                    "name": "emulated",
+                    "routing_strategy": strategy,
+                    "servers": servers,
+                    "queue_timeout_s": 600,
+                }
+                run = f"{strategy}-{users}u-{think:g}s"
+                with gateway(out / f"gw-{run}", model, {"user": {}}) as stack:
+                    summary = loadtest(
+                        stack,
+                        out / run,
+                        model="emulated",
+                        users=users,
+                        ramp_up=2,
+                        plateau=40,
+                        ramp_down=2,
+                        classes=[
+                            user_class(
+                                "user",
+                                stack.keys["user"],
+                                1.0,
+                                prompt_words=100,
+                                max_tokens=64,
+                                think_time_s=think,
+                            )
+                        ],
+                    )
+                entry = _class(summary, "user")
+                p95[strategy] = entry["latency_p95_s"]
+                gain = 1 - entry["latency_p95_s"] / p95["round-robin"]
+                lines.append(
+                    f"| {users} | {think:g} | {strategy} | {entry['latency_p50_s']:.2f} | "
+                    f"{entry['latency_p95_s']:.2f} | {gain * 100:.0f}% | "
+                    f"{entry['requests']} | {entry['errors']} |"
                 )
-            entry = _class(summary, "user")
-            rows.append((strategy, entry))
-    rr, lb, lat = rows[0][1], rows[1][1], rows[2][1]
-    lines = [
-        f"| {name} | {e['latency_p50_s']:.2f} | {e['latency_p95_s']:.2f} | "
-        f"{e['requests']} | {e['errors']} |"
-        for name, e in rows
-    ]
-    gain = 1 - lb["latency_p95_s"] / rr["latency_p95_s"]
-    latency_gain = 1 - lat["latency_p95_s"] / rr["latency_p95_s"]
     return "\n".join(
         [
             "2 emulated engines (4 sequences each, their own queue beyond), the second 2x "
-            "slower; max_concurrency 16 each; 8 closed-loop streaming users for 40 s.",
+            "slower; max_concurrency 16 each; closed-loop streaming users (100-word prompt, "
+            "64 tokens) for 40 s, with the think time shown between an answer and the next "
+            "request.",
             "",
-            "| strategy | latency p50 (s) | latency p95 (s) | requests | errors |",
-            "|---|---:|---:|---:|---:|",
+            "| users | think (s) | strategy | latency p50 (s) | latency p95 (s) | "
+            "p95 lower than round-robin | requests | errors |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|",
             *lines,
-            "",
-            f"least-busy p95 is {gain * 100:.0f}% lower than round-robin's (target ≥ 30%); "
-            f"latency's is {latency_gain * 100:.0f}% lower.",
         ]
     )
 
