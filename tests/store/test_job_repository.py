@@ -15,11 +15,9 @@ from aiguillage.store.tables import jobs
 RETRY = RetryPolicy(max_attempts=3, backoff_s=0)
 
 
-async def new_job(repo: JobRepository, options: JobOptions | None = None, **kw: object) -> JobRecord:
-    job = await repo.create(
-        client=1, organisation="org", priority=0, options=options or JobOptions(), **kw  # type: ignore[arg-type]
-    )
-    await repo.upload_finished(job.id, 1234)
+async def new_job(repo: JobRepository, options: JobOptions | None = None) -> JobRecord:
+    job = await repo.create(client=1, organisation="org", priority=0)
+    assert await repo.upload_finished(job.id, options or JobOptions(), media_bytes=1234)
     return job
 
 
@@ -124,6 +122,13 @@ async def test_a_client_sees_and_deletes_only_its_own_jobs(db: Database) -> None
     assert not await repo.delete(job.id, client=2)
     assert [j.id for j in await repo.list(client=1)] == [job.id]
     assert await repo.delete(job.id, client=1)
+    assert await repo.get(job.id) is None and await repo.events(job.id) == []
+
+
+async def test_a_refused_upload_leaves_no_trace(db: Database) -> None:
+    repo = JobRepository(db)
+    job = await repo.create(client=1, organisation="org", priority=0)
+    await repo.discard(job.id)
     assert await repo.get(job.id) is None and await repo.events(job.id) == []
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from aiguillage.jobs.options import JobOptions
 from aiguillage.jobs.states import JobState, Step, state_after, step_of
 from aiguillage.store.database import Database
-from aiguillage.store.tables import job_events, jobs, webhook_deliveries
+from aiguillage.store.tables import job_events, jobs, oauth_clients, webhook_deliveries
 
 MAX_BACKOFF_S = 3600.0
 
@@ -100,20 +100,10 @@ class JobRepository:
 
     # -- creation and reading (the API) --------------------------------------------------
 
-    async def create(
-        self,
-        *,
-        client: int,
-        organisation: str,
-        priority: int,
-        options: JobOptions,
-        source_url: str | None = None,
-        media_name: str | None = None,
-    ) -> JobRecord:
-        """A new job: `UPLOADING` for an upload, `WAITING_TRANSCRIPTION` for a URL to fetch."""
+    async def create(self, *, client: int, organisation: str, priority: int) -> JobRecord:
+        """A new job in `UPLOADING`: its form (media, options) is still arriving."""
         job_id = "job_" + secrets.token_hex(12)
         now = datetime.now(UTC)
-        state = JobState.UPLOADING if source_url is None else JobState.WAITING_TRANSCRIPTION
         async with self._engine.begin() as connection:
             await connection.execute(
                 insert(jobs).values(
@@ -121,30 +111,47 @@ class JobRepository:
                     client=client,
                     organisation=organisation,
                     priority=priority,
-                    state=state,
-                    options=options.model_dump(mode="json"),
-                    source_url=source_url,
-                    media_name=media_name,
+                    state=JobState.UPLOADING,
+                    options=JobOptions().model_dump(mode="json"),
                     attempts=0,
                     created_at=now,
                     updated_at=now,
                 )
             )
-            await self._record_event(connection, job_id, state, now, None)
+            await self._record_event(connection, job_id, JobState.UPLOADING, now, None)
         job = await self.get(job_id)
         assert job is not None
         return job
 
-    async def upload_finished(self, job_id: str, media_bytes: int) -> bool:
-        """The media is stored: the job joins the transcription queue."""
+    async def upload_finished(
+        self,
+        job_id: str,
+        options: JobOptions,
+        *,
+        media_bytes: int | None = None,
+        media_name: str | None = None,
+        source_url: str | None = None,
+    ) -> bool:
+        """The form is in (a stored file, or a URL a worker will fetch): the job joins the queue."""
         async with self._engine.begin() as connection:
             return await self._transition(
                 connection,
                 job_id,
                 JobState.WAITING_TRANSCRIPTION,
                 where=[jobs.c.state == JobState.UPLOADING],
-                values={"media_bytes": media_bytes},
+                values={
+                    "options": options.model_dump(mode="json"),
+                    "media_bytes": media_bytes,
+                    "media_name": media_name,
+                    "source_url": source_url,
+                },
             )
+
+    async def discard(self, job_id: str) -> None:
+        """Forget a job whose request was refused (bad form, too large): it never existed."""
+        async with self._engine.begin() as connection:
+            await connection.execute(delete(jobs).where(jobs.c.id == job_id))
+            await connection.execute(delete(job_events).where(job_events.c.job_id == job_id))
 
     async def get(self, job_id: str, *, client: int | None = None) -> JobRecord | None:
         """A job, if it exists (and belongs to `client` when one is given)."""
@@ -356,11 +363,16 @@ class JobRepository:
 
     # -- webhooks ----------------------------------------------------------------------
 
-    async def claim_webhook(self, lease_s: float) -> WebhookDelivery | None:
-        """A pending delivery that is due, leased so that one worker sends it at a time."""
+    async def claim_webhook(self, lease_s: float) -> tuple[WebhookDelivery, str] | None:
+        """A pending delivery that is due, with its client's signing secret.
+
+        Leased, so that one worker sends it at a time.
+        """
         now = datetime.now(UTC)
         query = (
-            select(webhook_deliveries)
+            select(webhook_deliveries, oauth_clients.c.webhook_secret)
+            .join(jobs, jobs.c.id == webhook_deliveries.c.job_id)
+            .join(oauth_clients, oauth_clients.c.id == jobs.c.client)
             .where(
                 webhook_deliveries.c.status == "pending",
                 webhook_deliveries.c.next_attempt_at <= now,
@@ -373,7 +385,7 @@ class JobRepository:
             .limit(1)
         )
         if not self._db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(of=webhook_deliveries, skip_locked=True)
         async with self._db.begin_write() as connection:
             row = (await connection.execute(query)).first()
             if row is None:
@@ -383,7 +395,9 @@ class JobRepository:
                 .where(webhook_deliveries.c.id == row.id)
                 .values(lease_until=now + timedelta(seconds=lease_s))
             )
-        return _delivery(row._asdict())
+        values = row._asdict()
+        secret = values.pop("webhook_secret")
+        return _delivery(values), secret
 
     async def webhook_attempted(
         self,
