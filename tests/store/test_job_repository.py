@@ -1,4 +1,4 @@
-"""The job queue in the database: states, leases, retries, history and webhooks, on both backends."""
+"""The job queue in the database: states, leases, retries, history, webhooks; both backends."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from aiguillage.jobs.options import JobOptions
 from aiguillage.jobs.states import JobState, Step
 from aiguillage.store.database import Database
 from aiguillage.store.jobs import JobRecord, JobRepository, RetryPolicy
+from aiguillage.store.oauth import OAuthRepository
 from aiguillage.store.tables import jobs
 
 RETRY = RetryPolicy(max_attempts=3, backoff_s=0)
 
 
-async def new_job(repo: JobRepository, options: JobOptions | None = None) -> JobRecord:
-    job = await repo.create(client=1, organisation="org", priority=0)
+async def new_job(
+    repo: JobRepository, options: JobOptions | None = None, client: int = 1
+) -> JobRecord:
+    job = await repo.create(client=client, organisation="org", priority=0)
     assert await repo.upload_finished(job.id, options or JobOptions(), media_bytes=1234)
     return job
 
@@ -99,15 +102,20 @@ async def test_concurrent_claims_never_share_a_job(db: Database) -> None:
 
 async def test_terminal_states_queue_a_webhook_with_an_idempotency_key(db: Database) -> None:
     repo = JobRepository(db)
-    job = await new_job(repo, JobOptions(callback_url="http://127.0.0.1:9/hook"))  # type: ignore[arg-type]
+    secrets, client = await OAuthRepository(db).create_client(name="pod", organisation="org")
+    options = JobOptions(callback_url="http://127.0.0.1:9/hook")  # type: ignore[arg-type]
+    job = await new_job(repo, options, client=client.id)
     claimed = await repo.claim([Step.TRANSCRIBE], "w", 30, RETRY)
     assert claimed is not None
     await repo.step_failed(claimed, Step.TRANSCRIBE, "w", "broken media", retry=None)
     [delivery] = await repo.deliveries(job.id)
     assert delivery.payload["state"] == "FAILURE"
     assert delivery.payload["failure_cause"] == "broken media"
-    leased = await repo.claim_webhook(30)
-    assert leased is not None and leased.idempotency_key == delivery.idempotency_key
+    claimed_hook = await repo.claim_webhook(30)
+    assert claimed_hook is not None
+    leased, secret = claimed_hook
+    assert leased.idempotency_key == delivery.idempotency_key
+    assert secret == secrets.webhook_secret
     assert await repo.claim_webhook(30) is None
     await repo.webhook_attempted(leased, status_code=500, error="HTTP 500", retry_in=None)
     [logged] = await repo.deliveries(job.id)

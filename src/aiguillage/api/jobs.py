@@ -1,4 +1,4 @@
-"""HTTP routes of the transcription jobs API and its OAuth2 token endpoint (thin: logic lives in jobs/).
+"""HTTP routes of the transcription jobs API and its OAuth2 token endpoint (logic is in jobs/).
 
 `POST /oauth/token` follows RFC 6749 (client credentials grant, form-encoded,
 client authentication by HTTP Basic or in the body) and answers errors in the
@@ -65,9 +65,7 @@ class JobsApi:
 
     @property
     def jobs(self) -> JobRepository:
-        return JobRepository(
-            self._database(), webhook_every_state=self.config.webhooks.every_state
-        )
+        return JobRepository(self._database(), webhook_every_state=self.config.webhooks.every_state)
 
     @property
     def oauth(self) -> OAuthRepository:
@@ -337,7 +335,7 @@ def _too_large(limit: int) -> ApiError:
 
 
 def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
-    """client_secret_basic (RFC 6749 §2.3.1): `Basic base64(id:secret)`, if that is what was sent."""
+    """client_secret_basic (RFC 6749 §2.3.1): `Basic base64(id:secret)`, if that was sent."""
     kind, _, encoded = (authorization or "").partition(" ")
     if kind.lower() != "basic":
         return None

@@ -136,11 +136,15 @@ def _redacted(url: str) -> str:
 
 
 def _register_commands() -> None:
+    from aiguillage.cli.clients import clients_app
     from aiguillage.cli.demo import demo
     from aiguillage.cli.loadtest import loadtest
+    from aiguillage.cli.worker import worker
 
     app.command()(demo)
     app.command()(loadtest)
+    app.command()(worker)
+    app.add_typer(clients_app, name="clients")
 
 
 _register_commands()

@@ -1,4 +1,4 @@
-"""Structured answers from an LLM, asked through the gateway's own API with the job owner's priority.
+"""Structured answers from an LLM, through the gateway's own API at the job owner's priority.
 
 Workers are clients of the gateway like any other: their calls queue in the same
 dispatcher, at the priority of the job's owner (the `X-Priority` header; the
@@ -46,7 +46,7 @@ class GatewayLlm:
         priority: int,
         max_tokens: int | None = None,
     ) -> Answer:
-        """The model's answer, parsed and validated as `answer_type`; `LlmError` after the retries."""
+        """The answer, validated as `answer_type`; `LlmError` once the attempts are spent."""
         body = {
             "model": self._config.model,
             "messages": messages,

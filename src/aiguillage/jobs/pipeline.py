@@ -9,7 +9,8 @@ come, so a job retaken after a crash does not pay for them twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -19,13 +20,10 @@ from aiguillage.jobs.llm import GatewayLlm, LlmError
 from aiguillage.jobs.media import MediaStorage
 from aiguillage.jobs.states import Step
 from aiguillage.jobs.urls import FetchFailed, UrlRefused, fetch_to_file
+from aiguillage.speech.engines import Transcriber
 from aiguillage.speech.errors import MediaError, TranscriptionError
 from aiguillage.speech.transcript import Segment, Transcript
 from aiguillage.store.jobs import JobRecord, JobRepository
-
-
-class Transcriber(Protocol):
-    async def transcribe(self, media: Any, *, language: str | None = None) -> Transcript: ...
 
 
 class StepFailed(Exception):
@@ -67,7 +65,7 @@ class Pipeline:
             raise StepFailed(f"the transcription engine failed: {error}") from None
         return {"transcript": stored(transcript)}
 
-    async def _fetch(self, job: JobRecord, media: Any) -> None:
+    async def _fetch(self, job: JobRecord, media: Path) -> None:
         assert job.source_url is not None
         partial = media.with_name("media.part")  # renamed once whole: a crash leaves no half file
         try:

@@ -1,4 +1,4 @@
-"""Reading a job's multipart form as it arrives: the `file` part straight to disk, never whole in memory.
+"""Reading a job's multipart form as it arrives: the file goes to disk, never whole in memory.
 
 Starlette's own form parser spools every file to a temporary file before the
 route sees it, with no size limit; here the route opens the job's media file
@@ -50,7 +50,7 @@ class StreamingForm:
         self._text = bytearray()
         self._parser = MultipartParser(
             boundary,
-            {  # type: ignore[arg-type]  # python-multipart types its callbacks as a TypedDict
+            {
                 "on_part_begin": self._part_begin,
                 "on_header_field": self._add_header_field,
                 "on_header_value": self._add_header_value,
@@ -126,4 +126,6 @@ class StreamingForm:
             try:
                 self.fields[self._part] = self._text.decode("utf-8")
             except UnicodeDecodeError:
-                raise FormError(f"The field `{self._part}` is not UTF-8.", param=self._part) from None
+                raise FormError(
+                    f"The field `{self._part}` is not UTF-8.", param=self._part
+                ) from None

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import secrets
+import socket
 from collections.abc import Iterable
 
 from aiguillage.catalog.config import JobsConfig

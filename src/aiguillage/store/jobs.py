@@ -410,10 +410,9 @@ class JobRepository:
         """Log one attempt; then delivered (no error), pending again (`retry_in`) or failed."""
         now = datetime.now(UTC)
         entry = {"at": now.isoformat(), "status_code": status_code, "error": error}
+        status = "pending" if retry_in is not None else "failed"
         if error is None:
             status = "delivered"
-        else:
-            status = "pending" if retry_in is not None else "failed"
         async with self._engine.begin() as connection:
             await connection.execute(
                 update(webhook_deliveries)
@@ -531,4 +530,3 @@ def _delivery(values: dict[str, Any]) -> WebhookDelivery:
     for unused in ("next_attempt_at", "lease_until", "created_at"):
         values.pop(unused)
     return WebhookDelivery(**values)
-

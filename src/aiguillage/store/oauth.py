@@ -106,7 +106,7 @@ class OAuthRepository:
             )
 
     async def caller(self, token: str) -> Caller | None:
-        """The client and scopes behind a bearer token, if it is known, unexpired and not revoked."""
+        """The client and scopes behind a bearer token, if known, unexpired and not revoked."""
         query = (
             select(oauth_clients, oauth_tokens.c.scopes.label("token_scopes"))
             .join(oauth_tokens, oauth_tokens.c.client == oauth_clients.c.id)
