@@ -9,6 +9,7 @@ the limit is enforced while the client is still sending.
 from __future__ import annotations
 
 from typing import BinaryIO
+from urllib.parse import parse_qsl
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -30,12 +31,19 @@ class UploadTooLarge(FormError):
 
 
 class StreamingForm:
-    """Feed it the body's chunks; it writes the file part to `sink` and keeps the text fields."""
+    """Feed it the body's chunks; it writes the file part to `sink` and keeps the text fields.
+
+    A job from a URL has no file, so an urlencoded form is accepted too (`url`, `options`).
+    """
 
     def __init__(self, content_type: str | None, sink: BinaryIO, max_file_bytes: int) -> None:
         kind, parameters = parse_options_header(content_type or "")
         boundary = parameters.get(b"boundary")
-        if kind != b"multipart/form-data" or not boundary:
+        self._urlencoded: bytearray | None = None
+        if kind == b"application/x-www-form-urlencoded":
+            self._urlencoded = bytearray()
+            boundary = b"unused"
+        elif kind != b"multipart/form-data" or not boundary:
             raise FormError("Send the job as multipart/form-data (a `file` or a `url`, `options`).")
         self.fields: dict[str, str] = {}
         self.file_bytes = 0
@@ -63,6 +71,11 @@ class StreamingForm:
 
     def feed(self, chunk: bytes) -> None:
         """Parse one chunk of the body (blocking: file writes happen here)."""
+        if self._urlencoded is not None:
+            self._urlencoded += chunk
+            if len(self._urlencoded) > len(TEXT_FIELDS) * MAX_TEXT_FIELD_BYTES:
+                raise FormError("The form is too long.")
+            return
         try:
             self._parser.write(chunk)
         except FormError:
@@ -71,8 +84,23 @@ class StreamingForm:
             raise FormError(f"The multipart body is malformed: {error}") from None
 
     def finish(self) -> None:
+        if self._urlencoded is not None:
+            self._finish_urlencoded(bytes(self._urlencoded))
+            return
         self._parser.finalize()
         self._sink.flush()
+
+    def _finish_urlencoded(self, body: bytes) -> None:
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise FormError("The form is not UTF-8.") from None
+        for name, value in pairs:
+            if name not in TEXT_FIELDS:
+                raise FormError(
+                    f"Unknown form field {name!r}: expected `url` and `options`.", param=name
+                )
+            self.fields[name] = value
 
     def _part_begin(self) -> None:
         self._headers = {}
