@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +15,16 @@ import httpx
 import pytest
 
 from aiguillage.auth.oauth import NewClientSecrets
-from aiguillage.jobs.states import JobState
-from aiguillage.store.database import Database
+from aiguillage.catalog.config import JobsConfig
+from aiguillage.jobs.runtime import configured_worker
+from aiguillage.jobs.states import JobState, Step
+from aiguillage.jobs.worker import Worker
+from aiguillage.store.database import Database, open_database
 from aiguillage.store.oauth import OAuthRepository
 from tests.harness import RunningGateway, run_sync
 
-SENTENCE = "The weather in Paris is sunny today, and the students are learning mathematics."
-KEY_WORDS = ("weather", "paris", "students", "mathematics")
+SENTENCE = "Hello everyone. Today we will learn about the history of computers and the internet."
+KEY_WORDS = ("hello", "today", "history", "computers", "internet")
 
 
 def jobs_settings(workdir: Path, **jobs: Any) -> dict[str, Any]:
@@ -105,9 +111,96 @@ def spoken_wav(path: Path, text: str = SENTENCE, repeat: int = 1) -> Path:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
     subprocess.run(
-        ["espeak-ng", "-s", "150", "-w", str(path), " ".join([text] * repeat)],
+        ["espeak-ng", "-s", "140", "-w", str(path), " ".join([text] * repeat)],
         check=True,
         capture_output=True,
         timeout=60,
     )
     return path
+
+
+class RunningWorker:
+    """`aiguillage worker` in a thread of this process, with its own event loop."""
+
+    def __init__(self, config: JobsConfig, database_url: str, steps: tuple[Step, ...] = ()) -> None:
+        self._config = config
+        self._database_url = database_url
+        self._steps = steps or tuple(Step)
+        self._worker: Worker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        database = await open_database(self._database_url)
+        try:
+            async with configured_worker(self._config, database, self._steps) as worker:
+                self._worker, self._loop = worker, asyncio.get_running_loop()
+                self._ready.set()
+                await worker.run()
+        finally:
+            self._ready.set()
+            await database.dispose()
+
+    def start(self) -> RunningWorker:
+        self._thread.start()
+        assert self._ready.wait(30), "the worker did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._worker is not None:
+            self._loop.call_soon_threadsafe(self._worker.stop)
+        self._thread.join(60)
+
+
+class WebhookReceiver:
+    """A loopback HTTP server that records what it is sent and answers scripted statuses."""
+
+    def __init__(self, statuses: tuple[int, ...] = (200,)) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self._statuses = list(statuses)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                statuses = receiver._statuses
+                status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class FileServer(WebhookReceiver):
+    """A loopback HTTP server that serves one file at `/media` (for jobs from a URL)."""
+
+    def __init__(self, content: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/media"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

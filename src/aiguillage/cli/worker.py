@@ -15,19 +15,11 @@ from typing import Annotated
 
 import typer
 
-from aiguillage.catalog.config import GatewayConfig, TranscriberConfig
+from aiguillage.catalog.config import GatewayConfig
 from aiguillage.cli.keys import fail
-from aiguillage.jobs.llm import GatewayLlm
-from aiguillage.jobs.media import MediaStorage
-from aiguillage.jobs.pipeline import Pipeline
+from aiguillage.jobs.runtime import configured_worker
 from aiguillage.jobs.states import Step
-from aiguillage.jobs.webhooks import WebhookSender
-from aiguillage.jobs.worker import Worker
-from aiguillage.speech.engines import LocalWhisper, OpenAICompatibleTranscriber, Transcriber
 from aiguillage.store.database import open_database
-from aiguillage.store.jobs import JobRepository
-
-log = logging.getLogger(__name__)
 
 
 def worker(
@@ -63,37 +55,14 @@ def parse_steps(text: str) -> tuple[Step, ...]:
     return tuple(dict.fromkeys(known[name] for name in names))
 
 
-def build_transcriber(config: TranscriberConfig) -> Transcriber:
-    if config.engine == "local":
-        return LocalWhisper(config.model)
-    assert config.url is not None
-    key = None if config.api_key is None else config.api_key.get_secret_value()
-    return OpenAICompatibleTranscriber(str(config.url), config.model, api_key=key)
-
-
 async def run_worker(config: GatewayConfig, steps: tuple[Step, ...]) -> None:
     """Run one worker until SIGTERM or SIGINT."""
-    jobs_config = config.jobs
     database = await open_database(config.resolved_database_url())
-    repository = JobRepository(database, webhook_every_state=jobs_config.webhooks.every_state)
-    llm = GatewayLlm(jobs_config.llm)
-    webhooks = WebhookSender(
-        repository, jobs_config.webhooks, allow_private=jobs_config.allow_private_urls
-    )
-    pipeline = Pipeline(
-        jobs_config,
-        repository,
-        MediaStorage(jobs_config.storage_dir),
-        build_transcriber(jobs_config.transcriber),
-        llm,
-    )
-    job_worker = Worker(jobs_config, repository, pipeline, webhooks, steps=steps)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, job_worker.stop)
     try:
-        await job_worker.run()
+        async with configured_worker(config.jobs, database, steps) as job_worker:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, job_worker.stop)
+            await job_worker.run()
     finally:
-        await llm.close()
-        await webhooks.close()
         await database.dispose()

@@ -1,0 +1,135 @@
+"""Transcription jobs end to end with the real engine (faster-whisper tiny.en on espeak-ng speech).
+
+No LLM here: these jobs ask for no translation or enrichment (test_end_to_end.py
+covers those through the gateway and llama.cpp).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pysubs2
+import pytest
+
+from aiguillage.catalog.config import JobsConfig
+from tests.harness import RunningGateway
+from tests.jobs.harness import (
+    KEY_WORDS,
+    FileServer,
+    JobsClient,
+    RunningWorker,
+    WebhookReceiver,
+    create_client,
+    jobs_settings,
+    spoken_wav,
+    token,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stt")
+
+
+@pytest.fixture(scope="module")
+def gateway(workdir: Path) -> Iterator[RunningGateway]:
+    settings = {"jobs": jobs_settings(workdir, allow_private_urls=True)}
+    running = RunningGateway(settings, workdir).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(gateway: RunningGateway, workdir: Path) -> Iterator[RunningWorker]:
+    config = JobsConfig.model_validate(
+        jobs_settings(workdir, allow_private_urls=True, webhooks={"backoff_s": 0.2})
+    )
+    running = RunningWorker(config, gateway.database_url).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def api(gateway: RunningGateway) -> JobsClient:
+    return JobsClient(gateway, token(gateway, create_client(gateway)))
+
+
+def test_speech_becomes_a_transcript_and_subtitles(
+    api: JobsClient, worker: RunningWorker, workdir: Path
+) -> None:
+    wav = spoken_wav(workdir / "sentence.wav")
+    created = api.create(file=wav, options='{"language": "en"}')
+    assert created.status_code == 201, created.text
+    job = api.wait(created.json()["id"])
+    assert job["state"] == "SUCCESS", job
+    assert [event["state"] for event in job["history"]] == [
+        "UPLOADING",
+        "WAITING_TRANSCRIPTION",
+        "TRANSCRIBING",
+        "SUCCESS",
+    ]  # steps not asked for are skipped
+    assert job["result"]["language"] == "en" and job["result"]["duration"] > 2
+    base = f"/v1/transcription-jobs/{job['id']}/result"
+    text = api.http.get(f"{base}?format=txt").text.lower()
+    assert sum(word in text for word in KEY_WORDS) >= 4, text
+    for fmt in ("vtt", "srt"):
+        reply = api.http.get(f"{base}?format={fmt}")
+        assert reply.status_code == 200 and fmt in reply.headers["content-disposition"]
+        subtitles = pysubs2.SSAFile.from_string(reply.text, format_=fmt)
+        assert subtitles.events
+        spoken = " ".join(event.plaintext for event in subtitles.events).lower()
+        assert sum(word in spoken for word in KEY_WORDS) >= 4, spoken
+        assert all(0 <= event.start < event.end for event in subtitles.events)
+    document = api.http.get(f"{base}?format=json").json()
+    assert document["segments"] and document["language"] == "en"
+    assert api.http.get(f"{base}?format=docx").status_code == 400
+
+
+def test_broken_media_fails_with_its_cause_and_the_webhook_is_retried(
+    api: JobsClient, worker: RunningWorker
+) -> None:
+    with WebhookReceiver(statuses=(500, 200)) as receiver:
+        options = orjson.dumps({"callback_url": receiver.url}).decode()
+        created = api.create(file=b"this is not audio at all" * 100, options=options)
+        assert created.status_code == 201
+        job = api.wait(created.json()["id"])
+        assert job["state"] == "FAILURE"
+        assert job["failed_step"] == "transcribe"
+        assert "media" in job["failure_cause"].lower()
+        states = [event["state"] for event in job["history"]]
+        assert states.count("TRANSCRIBING") == 1  # broken media is not retried
+        webhook = _wait_for_delivery(api, job["id"])
+    assert [attempt["status_code"] for attempt in webhook["attempts"]] == [500, 200]
+    keys = {headers["idempotency-key"] for headers, _ in receiver.received}
+    assert len(receiver.received) == 2 and len(keys) == 1  # a retry resends the same key
+
+
+def test_a_job_from_a_url_is_fetched_by_the_worker(
+    api: JobsClient, worker: RunningWorker, workdir: Path
+) -> None:
+    wav = spoken_wav(workdir / "url.wav")
+    with FileServer(wav.read_bytes()) as server:
+        created = api.create(url=server.url)
+        assert created.status_code == 201, created.text
+        job = api.wait(created.json()["id"])
+    assert job["state"] == "SUCCESS", job
+    assert job["source"]["url"] == server.url
+    text = api.http.get(f"/v1/transcription-jobs/{job['id']}/result?format=txt").text.lower()
+    assert sum(word in text for word in KEY_WORDS) >= 4, text
+
+
+def _wait_for_delivery(api: JobsClient, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        webhooks = api.job(job_id)["webhooks"]
+        if webhooks and webhooks[0]["status"] == "delivered":
+            delivered: dict[str, Any] = webhooks[0]
+            return delivered
+        time.sleep(0.2)
+    raise AssertionError(f"webhook not delivered: {api.job(job_id)['webhooks']}")
