@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+import srt
+import webvtt
 
 from aiguillage.auth.oauth import NewClientSecrets
 from aiguillage.catalog.config import JobsConfig
@@ -204,3 +206,19 @@ class FileServer(WebhookReceiver):
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/media"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+
+def parse_subtitles(text: str, fmt: str) -> list[tuple[float, float, str]]:
+    """Cues (start, end, text) as the webvtt-py and srt libraries read them."""
+    if fmt == "vtt":
+        return [
+            (
+                cue.start_time.in_milliseconds() / 1000,
+                cue.end_time.in_milliseconds() / 1000,
+                cue.text,
+            )
+            for cue in webvtt.from_string(text)
+        ]
+    return [
+        (cue.start.total_seconds(), cue.end.total_seconds(), cue.content) for cue in srt.parse(text)
+    ]

@@ -20,6 +20,7 @@ from aiguillage.api.asgi import Receive, Scope, Send
 from aiguillage.api.errors import ApiError, forbidden, not_found
 from aiguillage.api.inference import InferenceEndpoint
 from aiguillage.api.jobs import JobsApi
+from aiguillage.api.transcription import TRANSCRIPTIONS_PATH, TranscriptionEndpoint
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.catalog.config import GatewayConfig
 from aiguillage.gateway import Gateway, open_gateway
@@ -100,6 +101,7 @@ class AiguillageApp:
             path: InferenceEndpoint(gateway, path, streamable=streamable)
             for path, streamable in INFERENCE_ROUTES.items()
         }
+        self._hot[TRANSCRIPTIONS_PATH] = TranscriptionEndpoint(gateway)
 
     async def shutdown(self) -> None:
         if self._gateway is not None:

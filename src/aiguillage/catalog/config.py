@@ -29,6 +29,9 @@ RoutingStrategy = Literal[
     "round-robin", "weighted", "least-busy", "latency", "prefix-affinity", "owner-first"
 ]
 QosPolicyName = Literal["none", "parallel-threshold", "performance"]
+# What a model does, hence which routes may use it: the chat, completion and embedding
+# routes refuse a transcription model and `/v1/audio/transcriptions` takes only those.
+ModelKind = Literal["chat", "completion", "embedding", "transcription"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./aiguillage.db"
 DATABASE_URL_ENV = "AIGUILLAGE_DATABASE_URL"
@@ -106,6 +109,7 @@ class ModelConfig(_Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=256)]
     model: str | None = None  # name served by the engines; defaults to `name`
+    kind: ModelKind = "chat"
     aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     routing_strategy: RoutingStrategy = "round-robin"
     qos: QosConfig = Field(default_factory=QosConfig)
@@ -188,6 +192,7 @@ class GatewayConfig(_Strict):
     database_url: str | None = None
     site: str | None = None  # this gateway's datacentre: its backends are preferred at equal load
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    max_audio_bytes: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024  # OpenAI's own limit
     key_cache_ttl_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 3.0
     first_byte_timeout_s: Annotated[float, Field(gt=0)] = 600.0
