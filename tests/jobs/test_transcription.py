@@ -120,6 +120,7 @@ def test_a_job_from_a_url_is_fetched_by_the_worker(
         job = api.wait(created.json()["id"])
     assert job["state"] == "SUCCESS", job
     assert job["source"]["url"] == server.url
+    assert job["source"]["bytes"] == wav.stat().st_size
     text = api.http.get(f"/v1/transcription-jobs/{job['id']}/result?format=txt").text.lower()
     assert sum(word in text for word in KEY_WORDS) >= 4, text
 

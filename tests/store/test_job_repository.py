@@ -122,6 +122,18 @@ async def test_terminal_states_queue_a_webhook_with_an_idempotency_key(db: Datab
     assert logged.status == "failed" and logged.log[0]["status_code"] == 500
 
 
+async def test_a_job_may_ask_for_a_webhook_on_every_state(db: Database) -> None:
+    repo = JobRepository(db)
+    _, client = await OAuthRepository(db).create_client(name="pod", organisation="org")
+    options = JobOptions(callback_url="http://127.0.0.1:9/h", webhook_every_state=True)  # type: ignore[arg-type]
+    job = await new_job(repo, options, client=client.id)
+    claimed = await repo.claim([Step.TRANSCRIBE], "w", 30, RETRY)
+    assert claimed is not None
+    await repo.complete_step(claimed, Step.TRANSCRIBE, "w", transcript={})
+    events = [delivery.event for delivery in await repo.deliveries(job.id)]
+    assert events == ["WAITING_TRANSCRIPTION", "TRANSCRIBING", "SUCCESS"]
+
+
 async def test_a_client_sees_and_deletes_only_its_own_jobs(db: Database) -> None:
     repo = JobRepository(db)
     job = await new_job(repo)

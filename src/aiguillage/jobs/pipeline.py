@@ -53,8 +53,9 @@ class Pipeline:
 
     async def _transcribe(self, job: JobRecord) -> dict[str, Any]:
         media = self.storage.path(job.id)
+        fetched: dict[str, Any] = {}
         if job.source_url is not None and not media.is_file():
-            await self._fetch(job, media)
+            fetched["media_bytes"] = await self._fetch(job, media)
         if not media.is_file():
             raise StepFailed("the job's media is missing from storage", permanent=True)
         try:
@@ -63,13 +64,14 @@ class Pipeline:
             raise StepFailed(f"the media cannot be transcribed: {error}", permanent=True) from None
         except TranscriptionError as error:
             raise StepFailed(f"the transcription engine failed: {error}") from None
-        return {"transcript": stored(transcript)}
+        return {"transcript": stored(transcript), **fetched}
 
-    async def _fetch(self, job: JobRecord, media: Path) -> None:
+    async def _fetch(self, job: JobRecord, media: Path) -> int:
+        """Download the job's URL to its media path; the number of bytes."""
         assert job.source_url is not None
         partial = media.with_name("media.part")  # renamed once whole: a crash leaves no half file
         try:
-            await fetch_to_file(
+            size = await fetch_to_file(
                 job.source_url,
                 partial,
                 allow_private=self.config.allow_private_urls,
@@ -81,6 +83,7 @@ class Pipeline:
         except FetchFailed as error:
             raise StepFailed(str(error), permanent=error.permanent) from None
         partial.replace(media)
+        return size
 
     async def _translate(self, job: JobRecord, owner: str) -> dict[str, Any]:
         source = loaded(job)
