@@ -161,7 +161,7 @@ def test_speech_becomes_subtitles_a_translation_and_an_enrichment(
         assert isinstance(enrichment["title"]["title"], str) and enrichment["title"]["title"]
         assert 3 <= len(enrichment["keywords"]["keywords"]) <= 10
         questions = enrichment["quiz"]["questions"]
-        assert 1 <= len(questions) <= 5
+        assert 1 <= len(questions) <= 3
         for question in questions:
             assert len(question["choices"]) == 4 and 0 <= question["answer"] <= 3
         assert document["translations"] == ["fr"]

@@ -19,8 +19,6 @@ from aiguillage.jobs.options import EnrichmentItem
 MAX_TRANSCRIPT_CHARS = 8000  # about 2,000 tokens: fits the smallest context with room to answer
 TRANSLATION_BATCH = 20  # segments per call: keeps each answer short and its count checkable
 
-ShortText = Annotated[str, Field(min_length=1, max_length=200)]
-
 
 class _Answer(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -47,8 +45,10 @@ class SummaryAnswer(_Answer):
 class QuizQuestion(_Answer):
     """A multiple-choice question; `answer` is the index of the right choice."""
 
-    question: ShortText
-    choices: Annotated[list[ShortText], Field(min_length=4, max_length=4)]
+    question: Annotated[str, Field(min_length=1, max_length=160)]
+    choices: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=80)]], Field(min_length=4, max_length=4)
+    ]
     answer: Annotated[int, Field(ge=0, le=3)]
 
     @model_validator(mode="after")
@@ -59,18 +59,21 @@ class QuizQuestion(_Answer):
 
 
 class QuizAnswer(_Answer):
-    questions: Annotated[list[QuizQuestion], Field(min_length=1, max_length=5)]
+    questions: Annotated[list[QuizQuestion], Field(min_length=1, max_length=3)]
 
 
-ITEMS: dict[str, tuple[type[_Answer], str]] = {
-    "title": (TitleAnswer, "Write a short title for this transcript."),
-    "description": (DescriptionAnswer, "Write a two-sentence description of this transcript."),
-    "keywords": (KeywordsAnswer, "List 3 to 10 keywords for this transcript."),
-    "summary": (SummaryAnswer, "Summarise this transcript in a short paragraph."),
+# Per item: the answer's schema, the instruction, and how many times the configured
+# max_tokens it may take (a quiz is several questions of four choices each).
+ITEMS: dict[str, tuple[type[_Answer], str, int]] = {
+    "title": (TitleAnswer, "Write a short title for this transcript.", 1),
+    "description": (DescriptionAnswer, "Write a two-sentence description of this transcript.", 1),
+    "keywords": (KeywordsAnswer, "List 3 to 10 keywords for this transcript.", 1),
+    "summary": (SummaryAnswer, "Summarise this transcript in a short paragraph.", 1),
     "quiz": (
         QuizAnswer,
         "Write multiple-choice questions about this transcript, each with 4 choices and "
         "the index (0 to 3) of the right one.",
+        3,
     ),
 }
 
@@ -79,7 +82,7 @@ async def enrich(
     llm: GatewayLlm, item: EnrichmentItem, text: str, language: str, *, priority: int
 ) -> dict[str, Any]:
     """One enrichment item for a transcript, validated, as JSON."""
-    answer_type, instruction = ITEMS[item]
+    answer_type, instruction, budget = ITEMS[item]
     messages = [
         {
             "role": "system",
@@ -88,7 +91,7 @@ async def enrich(
         },
         {"role": "user", "content": text[:MAX_TRANSCRIPT_CHARS]},
     ]
-    answer = await llm.ask(answer_type, messages, priority=priority)
+    answer = await llm.ask(answer_type, messages, priority=priority, budget=budget)
     return answer.model_dump(mode="json")
 
 
@@ -109,8 +112,8 @@ async def translate(
             },
             {"role": "user", "content": numbered},
         ]
-        budget = max(256, 2 * sum(len(text) for text in batch))
-        answer = await llm.ask(answer_type, messages, priority=priority, max_tokens=budget)
+        budget = 1 + sum(len(text) for text in batch) // 500  # roughly 1 per 500 characters
+        answer = await llm.ask(answer_type, messages, priority=priority, budget=budget)
         translated.extend(answer.model_dump()["translations"])
     return translated
 

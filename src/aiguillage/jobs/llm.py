@@ -44,13 +44,16 @@ class GatewayLlm:
         messages: list[dict[str, str]],
         *,
         priority: int,
-        max_tokens: int | None = None,
+        budget: int = 1,
     ) -> Answer:
-        """The answer, validated as `answer_type`; `LlmError` once the attempts are spent."""
+        """The answer, validated as `answer_type`; `LlmError` once the attempts are spent.
+
+        `budget`: how many times the configured `max_tokens` the answer may take.
+        """
         body = {
             "model": self._config.model,
             "messages": messages,
-            "max_tokens": max_tokens or self._config.max_tokens,
+            "max_tokens": budget * self._config.max_tokens,
             "temperature": 0.2,
             "response_format": {
                 "type": "json_schema",
