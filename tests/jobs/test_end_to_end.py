@@ -153,6 +153,7 @@ def test_speech_becomes_subtitles_a_translation_and_an_enrichment(
         assert french.status_code == 200
         translated = parse_subtitles(french.text, "srt")
         assert [cue[:2] for cue in translated] == [cue[:2] for cue in original]  # timings kept
+        assert all(text.strip() for _, _, text in translated)
         missing = api.http.get(f"/v1/transcription-jobs/{job_id}/result?language=de")
         assert missing.status_code == 404
 

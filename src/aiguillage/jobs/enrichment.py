@@ -121,6 +121,7 @@ async def translate(
 def _translation_answer(count: int) -> type[_Answer]:
     """A schema with exactly `count` translations, so that no segment is dropped or merged."""
     lines = Annotated[
-        list[Annotated[str, Field(max_length=2000)]], Field(min_length=count, max_length=count)
+        list[Annotated[str, Field(min_length=1, max_length=2000)]],
+        Field(min_length=count, max_length=count),
     ]
     return create_model("TranslationAnswer", __base__=_Answer, translations=(lines, ...))
