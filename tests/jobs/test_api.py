@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -161,3 +164,47 @@ def test_a_client_sees_and_deletes_only_its_own_jobs(
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     assert api.http.get(f"/v1/transcription-jobs/{job_id}").status_code == 404
     assert not (tmp_path / "media" / job_id).exists()
+
+
+def test_a_job_is_uploading_while_its_file_streams_in(
+    api: JobsClient, jobs_gateway: RunningGateway
+) -> None:
+    boundary = "aiguillage-test-boundary"
+    halfway = threading.Event()
+    resume = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            'filename="slow.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        ).encode()
+        yield b"a" * 10_000
+        halfway.set()
+        assert resume.wait(10)
+        yield b"b" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    replies: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: replies.append(
+            api.http.post(
+                "/v1/transcription-jobs",
+                content=body(),
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+            )
+        )
+    )
+    sender.start()
+    try:
+        assert halfway.wait(10)
+        deadline = time.monotonic() + 10
+        states: list[str] = []
+        while not states and time.monotonic() < deadline:
+            states = [job["state"] for job in api.http.get("/v1/transcription-jobs").json()["data"]]
+        assert states == ["UPLOADING"]
+    finally:
+        resume.set()
+        sender.join(20)
+    [reply] = replies
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["source"]["bytes"] == 20_000
