@@ -142,7 +142,8 @@ class OpenAICompatibleTranscriber:
         chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
         timeout_s: float = 600.0,
     ) -> None:
-        self._url = base_url.rstrip("/") + "/v1/audio/transcriptions"
+        # With or without /v1, as OpenAI clients and our catalog both accept.
+        self._url = base_url.rstrip("/").removesuffix("/v1") + "/v1/audio/transcriptions"
         self._model = model
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._chunk_seconds = chunk_seconds
@@ -154,12 +155,14 @@ class OpenAICompatibleTranscriber:
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
             for chunk in media_module.chunks(audio, self._chunk_seconds):
                 answer = await self._post(session, chunk.audio.to_wav(), language)
-                language = language or str(answer.get("language") or "") or None
+                # Later chunks are sent with the first chunk's language, as an ISO code:
+                # OpenAI itself answers "english" but accepts only "en".
+                language = language or _language_code(answer.get("language"))
                 segments.extend(
                     s.shifted(chunk.offset) for s in _segments(answer, chunk.audio.duration)
                 )
         return Transcript(
-            language=_language_code(language), duration=audio.duration, segments=tuple(segments)
+            language=language or "und", duration=audio.duration, segments=tuple(segments)
         )
 
     async def _post(
@@ -218,10 +221,12 @@ _LANGUAGE_NAMES: Final = {
 }  # fmt: skip
 
 
-def _language_code(language: str | None) -> str:
-    if not language:
-        return "und"
-    return _LANGUAGE_NAMES.get(language.lower(), language.lower())
+def _language_code(language: object) -> str | None:
+    """An ISO 639-1 code for a language a backend named, or None when it named none."""
+    if not isinstance(language, str) or not language.strip():
+        return None
+    name = language.strip().lower()
+    return _LANGUAGE_NAMES.get(name, name)
 
 
 def _error_message(body: bytes) -> str:
