@@ -98,6 +98,8 @@ class Worker:
             return
         if await self.repository.complete_step(job, step, self.name, **results):
             log.info("job %s: %s done", job.id, step)
+        elif await self.repository.get(job.id) is None:  # deleted by its owner meanwhile
+            self.pipeline.storage.delete(job.id)  # a fetch may have re-created its folder
         else:
             log.warning("job %s: lease lost before %s was recorded", job.id, step)
 
