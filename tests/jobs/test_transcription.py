@@ -134,3 +134,17 @@ def _wait_for_delivery(api: JobsClient, job_id: str) -> dict[str, Any]:
             return delivered
         time.sleep(0.2)
     raise AssertionError(f"webhook not delivered: {api.job(job_id)['webhooks']}")
+
+
+def test_a_job_deleted_while_it_runs_leaves_nothing_and_the_worker_goes_on(
+    api: JobsClient, worker: RunningWorker, workdir: Path
+) -> None:
+    long_job = api.create(file=spoken_wav(workdir / "long.wav", repeat=12)).json()["id"]
+    deadline = time.monotonic() + 60
+    while api.job(long_job)["state"] != "TRANSCRIBING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.http.delete(f"/v1/transcription-jobs/{long_job}").status_code == 200
+    next_job = api.create(file=spoken_wav(workdir / "next.wav")).json()["id"]
+    assert api.wait(next_job)["state"] == "SUCCESS"  # the worker finished (or dropped) the first
+    assert api.http.get(f"/v1/transcription-jobs/{long_job}").status_code == 404
+    assert not (workdir / "media" / long_job).exists()
