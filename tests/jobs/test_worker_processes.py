@@ -22,13 +22,28 @@ import yaml
 
 from tests.harness import RunningGateway
 from tests.jobs.harness import JobsClient, create_client, jobs_settings, spoken_wav, token
+from tests.store import pg
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[RunningGateway]:
-    running = RunningGateway({"jobs": jobs_settings(tmp_path, stop_grace_s=0)}, tmp_path).start()
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    dsn = pg.create_database()
+    yield dsn
+    pg.drop_database(dsn)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningGateway]:
+    """A gateway (and its workers) on SQLite, then on PostgreSQL (FOR UPDATE SKIP LOCKED)."""
+    database_url = None
+    if request.param == "postgresql":
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        pg.empty_schema(dsn)
+        database_url = pg.sqlalchemy_url(dsn)
+    settings = {"jobs": jobs_settings(tmp_path, stop_grace_s=0)}
+    running = RunningGateway(settings, tmp_path, database_url).start()
     yield running
     running.stop()
 
