@@ -152,6 +152,16 @@ async def test_a_refused_upload_leaves_no_trace(db: Database) -> None:
     assert await repo.get(job.id) is None and await repo.events(job.id) == []
 
 
+async def test_uploads_that_never_finish_end_in_failure(db: Database) -> None:
+    repo = JobRepository(db)
+    stuck = await repo.create(client=1, organisation="org", priority=0)
+    assert await repo.fail_stale_uploads(older_than_s=3600) == 0  # still recent
+    assert await repo.fail_stale_uploads(older_than_s=-1) == 1
+    failed = await repo.get(stuck.id)
+    assert failed is not None and failed.state == JobState.FAILURE
+    assert failed.failed_step == "upload" and "did not complete" in (failed.failure_cause or "")
+
+
 async def expire_lease(db: Database, job_id: str) -> None:
     from datetime import UTC, datetime, timedelta
 

@@ -57,7 +57,7 @@ class JobsApi:
         return [
             Route("/oauth/token", self.token, methods=["POST"]),
             Route("/v1/transcription-jobs", self.create, methods=["POST"]),
-            Route("/v1/transcription-jobs", self.list, methods=["GET"]),
+            Route("/v1/transcription-jobs", self.list_jobs, methods=["GET"]),
             Route("/v1/transcription-jobs/{job_id}", self.show, methods=["GET"]),
             Route("/v1/transcription-jobs/{job_id}", self.delete, methods=["DELETE"]),
             Route("/v1/transcription-jobs/{job_id}/result", self.result, methods=["GET"]),
@@ -140,7 +140,7 @@ class JobsApi:
         )
         return _json(await self._document(jobs, job.id), status=201)
 
-    async def list(self, request: Request) -> Response:
+    async def list_jobs(self, request: Request) -> Response:
         caller = await self._caller(request, SCOPE_READ)
         limit_text = request.query_params.get("limit", "20")
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:

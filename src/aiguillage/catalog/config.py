@@ -181,6 +181,7 @@ class JobsConfig(_Strict):
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3  # per step
     retry_backoff_s: Annotated[float, Field(ge=0)] = 5.0  # doubled after each failed attempt
     stop_grace_s: Annotated[float, Field(ge=0)] = 30.0  # SIGTERM: finish within this, or hand back
+    upload_timeout_s: Annotated[float, Field(ge=60)] = 6 * 3600.0  # then an UPLOADING job fails
     transcriber: TranscriberConfig = Field(default_factory=TranscriberConfig)
     llm: JobsLlmConfig = Field(default_factory=JobsLlmConfig)
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Iterable
 
 from aiguillage.catalog.config import JobsConfig
@@ -24,6 +25,8 @@ from aiguillage.jobs.webhooks import WebhookSender
 from aiguillage.store.jobs import JobRecord, JobRepository, RetryPolicy
 
 log = logging.getLogger(__name__)
+
+UPLOAD_SWEEP_INTERVAL_S = 60.0  # how often a worker looks for uploads that never finished
 
 
 def worker_name() -> str:
@@ -50,6 +53,7 @@ class Worker:
         self.name = name or worker_name()
         self.retry = RetryPolicy(config.max_attempts, config.retry_backoff_s)
         self.stopping = asyncio.Event()
+        self._next_upload_sweep = 0.0
 
     def stop(self) -> None:
         """Claim nothing more; the current step gets `stop_grace_s` to finish."""
@@ -71,6 +75,10 @@ class Worker:
 
     async def run_once(self) -> bool:
         """Send a due webhook and do one step of one job; whether there was anything to do."""
+        now = time.monotonic()
+        if now >= self._next_upload_sweep:
+            self._next_upload_sweep = now + UPLOAD_SWEEP_INTERVAL_S
+            await self.repository.fail_stale_uploads(self.config.upload_timeout_s)
         sent = await self.webhooks.send_one()
         job = await self.repository.claim(self.steps, self.name, self.config.lease_s, self.retry)
         if job is not None:

@@ -205,17 +205,34 @@ class JobRepository:
             )
         return True
 
-    async def fail(self, job_id: str, step: str, cause: str) -> bool:
-        """End a job in `FAILURE` outside a worker (an upload that broke)."""
-        async with self._engine.begin() as connection:
-            return await self._transition(
-                connection,
-                job_id,
-                JobState.FAILURE,
-                where=[jobs.c.state.not_in([JobState.SUCCESS, JobState.FAILURE])],
-                values={"failed_step": step, "failure_cause": cause},
-                detail=cause,
-            )
+    async def fail_stale_uploads(self, older_than_s: float) -> int:
+        """End in `FAILURE` the uploads that stopped arriving (their gateway died mid-upload).
+
+        The client never got the job's id, but sees it in its list, with the cause.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        cause = f"the upload did not complete within {older_than_s:.0f} s"
+        async with self._engine.connect() as connection:
+            stale = (
+                await connection.execute(
+                    select(jobs.c.id).where(
+                        jobs.c.state == JobState.UPLOADING, jobs.c.updated_at < cutoff
+                    )
+                )
+            ).scalars()
+            job_ids = list(stale)
+        failed = 0
+        for job_id in job_ids:
+            async with self._engine.begin() as connection:
+                failed += await self._transition(
+                    connection,
+                    job_id,
+                    JobState.FAILURE,
+                    where=[jobs.c.state == JobState.UPLOADING],
+                    values={"failed_step": "upload", "failure_cause": cause},
+                    detail=cause,
+                )
+        return failed
 
     # -- the worker's side -------------------------------------------------------------
 
