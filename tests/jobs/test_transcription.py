@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from aiguillage.catalog.config import JobsConfig
+from tests.fakes.engine import FakeEngine
 from tests.harness import RunningGateway
 from tests.jobs.harness import (
     KEY_WORDS,
@@ -148,3 +149,34 @@ def test_a_job_deleted_while_it_runs_leaves_nothing_and_the_worker_goes_on(
     assert api.wait(next_job)["state"] == "SUCCESS"  # the worker finished (or dropped) the first
     assert api.http.get(f"/v1/transcription-jobs/{long_job}").status_code == 404
     assert not (workdir / "media" / long_job).exists()
+
+
+def test_an_llm_that_answers_nonsense_fails_the_step_with_its_cause(
+    tmp_path: Path, fake_engine: FakeEngine
+) -> None:
+    """The fake engine answers prose where JSON is required: re-asked, retried, then FAILURE."""
+    gateway = RunningGateway({"jobs": jobs_settings(tmp_path)}, tmp_path).start()
+    config = JobsConfig.model_validate(
+        jobs_settings(tmp_path, llm={"gateway_url": fake_engine.url("ok"), "attempts": 2})
+    )
+    worker = RunningWorker(config, gateway.database_url).start()
+    try:
+        api = JobsClient(gateway, token(gateway, create_client(gateway)))
+        created = api.create(
+            file=spoken_wav(tmp_path / "s.wav"), options='{"enrichment": ["title"]}'
+        )
+        job = api.wait(created.json()["id"])
+    finally:
+        worker.stop()
+        gateway.stop()
+    assert job["state"] == "FAILURE"
+    assert job["failed_step"] == "enrich"
+    assert "enrichment item 'title' failed" in job["failure_cause"]
+    assert "not valid" in job["failure_cause"]
+    states = [event["state"] for event in job["history"]]
+    assert states.count("AI_ENRICHING") == 3  # max_attempts, with a backoff in between
+    retries = [event for event in job["history"] if event["state"] == "WAITING_AI_ENRICHMENT"]
+    assert [event["detail"][:30] for event in retries[1:]] == [
+        "attempt 1 failed, will retry: ",
+        "attempt 2 failed, will retry: ",
+    ]

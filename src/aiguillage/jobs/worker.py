@@ -35,6 +35,8 @@ def worker_name() -> str:
 
 
 class Worker:
+    """One loop over the shared queue, for the steps it was given; see the module docstring."""
+
     def __init__(
         self,
         config: JobsConfig,
