@@ -78,7 +78,14 @@ class LocalWhisper:
 
     async def transcribe(self, media: Path, *, language: str | None = None) -> Transcript:
         audio = await asyncio.to_thread(media_module.decode, media)
-        return await asyncio.to_thread(self._transcribe_audio, audio, language)
+        # A thread cannot be cancelled: a cancelled caller (a job cancelled by its user)
+        # raises this flag, and the thread stops at its next segment and frees the model.
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._transcribe_audio, audio, language, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def load(self) -> None:
         """Load the model now rather than on the first request (servers call it at start)."""
@@ -102,7 +109,9 @@ class LocalWhisper:
                 ) from error
         return self._model
 
-    def _transcribe_audio(self, audio: media_module.Audio, language: str | None) -> Transcript:
+    def _transcribe_audio(
+        self, audio: media_module.Audio, language: str | None, cancelled: threading.Event
+    ) -> Transcript:
         segments: list[Segment] = []
         with self._lock:
             model = self._loaded()
@@ -114,7 +123,13 @@ class LocalWhisper:
                         vad_filter=True,
                         condition_on_previous_text=False,
                     )
-                    found = [Segment(p.start, p.end, p.text.strip()) for p in pieces]
+                    found = []
+                    for piece in pieces:  # decoded lazily, one 30 s window at a time
+                        if cancelled.is_set():
+                            raise _Cancelled
+                        found.append(Segment(piece.start, piece.end, piece.text.strip()))
+                except _Cancelled:
+                    raise TranscriptionError("the transcription was cancelled") from None
                 except (RuntimeError, ValueError) as error:
                     raise TranscriptionError(f"Whisper failed: {error}") from error
                 # The first chunk's language holds for the rest: a lecture does not switch
@@ -124,6 +139,10 @@ class LocalWhisper:
         return Transcript(
             language=language or "en", duration=audio.duration, segments=tuple(segments)
         )
+
+
+class _Cancelled(Exception):
+    """Unwinds a worker thread whose caller was cancelled."""
 
 
 class OpenAICompatibleTranscriber:
