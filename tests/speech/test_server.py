@@ -56,3 +56,18 @@ def test_unknown_model_stops_the_command_with_the_reason(tmp_path: Path) -> None
     with pytest.raises(EngineUnavailable, match="exited with code 1"):
         LocalWhisperServer("huge", log_file=log).start(timeout_s=60)
     assert "unknown Whisper model 'huge'" in log.read_text()
+
+
+def test_a_language_the_model_does_not_know_is_the_requests_fault(
+    whisper_server: LocalWhisperServer, sentence_wav: Path
+) -> None:
+    response = httpx.post(
+        f"{whisper_server.url}/v1/audio/transcriptions",
+        files={"file": ("s.wav", sentence_wav.read_bytes())},
+        data={"model": "whisper-tiny.en", "language": "fr"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "language"
+    assert "does not know the language 'fr'" in error["message"]

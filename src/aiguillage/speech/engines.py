@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from aiguillage.speech import media as media_module
-from aiguillage.speech.errors import MediaError, TranscriptionError
+from aiguillage.speech.errors import MediaError, TranscriptionError, UnsupportedLanguage
 from aiguillage.speech.models import model_directory
 from aiguillage.speech.transcript import Segment, Transcript
 
@@ -35,6 +35,7 @@ __all__ = [
     "OpenAICompatibleTranscriber",
     "Transcriber",
     "TranscriptionError",
+    "UnsupportedLanguage",
 ]
 
 DEFAULT_CHUNK_SECONDS: Final = 600.0
@@ -115,6 +116,11 @@ class LocalWhisper:
         segments: list[Segment] = []
         with self._lock:
             model = self._loaded()
+            if language is not None and language not in model.supported_languages:
+                raise UnsupportedLanguage(
+                    f"Whisper {self.model_name} does not know the language {language!r}; "
+                    f"it knows {', '.join(model.supported_languages)}"
+                )
             for chunk in media_module.chunks(audio, self._chunk_seconds):
                 try:
                     pieces, info = model.transcribe(
