@@ -180,3 +180,13 @@ def test_an_llm_that_answers_nonsense_fails_the_step_with_its_cause(
         "attempt 1 failed, will retry: ",
         "attempt 2 failed, will retry: ",
     ]
+
+
+def test_a_language_the_model_does_not_know_fails_at_once(
+    api: JobsClient, worker: RunningWorker, workdir: Path
+) -> None:
+    created = api.create(file=spoken_wav(workdir / "fr.wav"), options='{"language": "fr"}')
+    job = api.wait(created.json()["id"])
+    assert job["state"] == "FAILURE" and job["failed_step"] == "transcribe"
+    assert "does not know the language 'fr'" in job["failure_cause"]
+    assert [event["state"] for event in job["history"]].count("TRANSCRIBING") == 1

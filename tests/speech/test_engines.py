@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aiguillage.speech.engines import (
@@ -17,8 +21,10 @@ from aiguillage.speech.transcript import Transcript
 from tests.speech.conftest import (
     KEY_WORDS,
     SECOND_KEY_WORDS,
+    read_wav,
     second_sentence_start,
     words,
+    write_wav,
 )
 
 
@@ -103,3 +109,28 @@ async def test_broken_media_fails_before_reaching_the_backend(
     remote = OpenAICompatibleTranscriber(closed_port_url, "whisper-base")
     with pytest.raises(MediaError, match="not a readable"):
         await remote.transcribe(broken_media)
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.slow
+async def test_cancelled_transcription_frees_the_model(
+    tiny: LocalWhisper, long_wav: Path, tmp_path: Path
+) -> None:
+    samples, rate = read_wav(long_wav)
+    lecture = write_wav(tmp_path / "lecture.wav", np.tile(samples, 20), rate)  # 10 minutes
+    task = asyncio.create_task(tiny.transcribe(lecture))
+    assert await asyncio.to_thread(_wait_until, tiny._lock.locked, 30)  # the model is busy
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Finishing the whole lecture would take minutes; a cancelled one stops at its next
+    # segment and hands the model to the next caller.
+    assert await asyncio.to_thread(_wait_until, lambda: not tiny._lock.locked(), 20)

@@ -68,9 +68,9 @@ def _post(
 
 
 @pytest.mark.slow
-def test_every_response_format_through_the_sdk(
-    client: openai.OpenAI, sentence_wav: Path, gateway: RunningGateway, key: tuple[str, int]
-) -> None:
+def test_every_response_format_through_the_sdk(sentence_wav: Path, gateway: RunningGateway) -> None:
+    secret, record = gateway.create_key(name="formats", organisation="univ-lyon")
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=secret, max_retries=0, timeout=120)
     plain = client.audio.transcriptions.create(
         model="whisper", file=sentence_wav.open("rb"), language="en"
     )
@@ -100,7 +100,7 @@ def test_every_response_format_through_the_sdk(
     parsed = list(webvtt.from_string(str(captions)))
     assert parsed and set(KEY_WORDS) <= words(" ".join(c.text for c in parsed))
 
-    rows = gateway.usage_rows(key[1], expected=5)
+    rows = gateway.usage_rows(record.id, expected=5)
     assert {(r.endpoint, r.status, r.model) for r in rows} == {
         ("audio/transcriptions", 200, "whisper")
     }

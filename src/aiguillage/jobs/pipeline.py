@@ -21,7 +21,7 @@ from aiguillage.jobs.media import MediaStorage
 from aiguillage.jobs.states import Step
 from aiguillage.jobs.urls import FetchFailed, UrlRefused, fetch_to_file
 from aiguillage.speech.engines import Transcriber
-from aiguillage.speech.errors import MediaError, TranscriptionError
+from aiguillage.speech.errors import MediaError, TranscriptionError, UnsupportedLanguage
 from aiguillage.speech.transcript import Segment, Transcript
 from aiguillage.store.jobs import JobRecord, JobRepository
 
@@ -62,6 +62,10 @@ class Pipeline:
             transcript = await self.transcriber.transcribe(media, language=job.options.language)
         except MediaError as error:
             raise StepFailed(f"the media cannot be transcribed: {error}", permanent=True) from None
+        except UnsupportedLanguage as error:  # the job's options are at fault: no retry
+            raise StepFailed(
+                f"the language cannot be transcribed: {error}", permanent=True
+            ) from None
         except TranscriptionError as error:
             raise StepFailed(f"the transcription engine failed: {error}") from None
         return {"transcript": stored(transcript), **fetched}

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from aiguillage.speech import media as media_module
-from aiguillage.speech.errors import MediaError, TranscriptionError
+from aiguillage.speech.errors import MediaError, TranscriptionError, UnsupportedLanguage
 from aiguillage.speech.models import model_directory
 from aiguillage.speech.transcript import Segment, Transcript
 
@@ -35,6 +35,7 @@ __all__ = [
     "OpenAICompatibleTranscriber",
     "Transcriber",
     "TranscriptionError",
+    "UnsupportedLanguage",
 ]
 
 DEFAULT_CHUNK_SECONDS: Final = 600.0
@@ -78,7 +79,14 @@ class LocalWhisper:
 
     async def transcribe(self, media: Path, *, language: str | None = None) -> Transcript:
         audio = await asyncio.to_thread(media_module.decode, media)
-        return await asyncio.to_thread(self._transcribe_audio, audio, language)
+        # A thread cannot be cancelled: a cancelled caller (a job cancelled by its user)
+        # raises this flag, and the thread stops at its next segment and frees the model.
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._transcribe_audio, audio, language, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def load(self) -> None:
         """Load the model now rather than on the first request (servers call it at start)."""
@@ -102,10 +110,17 @@ class LocalWhisper:
                 ) from error
         return self._model
 
-    def _transcribe_audio(self, audio: media_module.Audio, language: str | None) -> Transcript:
+    def _transcribe_audio(
+        self, audio: media_module.Audio, language: str | None, cancelled: threading.Event
+    ) -> Transcript:
         segments: list[Segment] = []
         with self._lock:
             model = self._loaded()
+            if language is not None and language not in model.supported_languages:
+                raise UnsupportedLanguage(
+                    f"Whisper {self.model_name} does not know the language {language!r}; "
+                    f"it knows {', '.join(model.supported_languages)}"
+                )
             for chunk in media_module.chunks(audio, self._chunk_seconds):
                 try:
                     pieces, info = model.transcribe(
@@ -114,7 +129,13 @@ class LocalWhisper:
                         vad_filter=True,
                         condition_on_previous_text=False,
                     )
-                    found = [Segment(p.start, p.end, p.text.strip()) for p in pieces]
+                    found = []
+                    for piece in pieces:  # decoded lazily, one 30 s window at a time
+                        if cancelled.is_set():
+                            raise _Cancelled
+                        found.append(Segment(piece.start, piece.end, piece.text.strip()))
+                except _Cancelled:
+                    raise TranscriptionError("the transcription was cancelled") from None
                 except (RuntimeError, ValueError) as error:
                     raise TranscriptionError(f"Whisper failed: {error}") from error
                 # The first chunk's language holds for the rest: a lecture does not switch
@@ -124,6 +145,10 @@ class LocalWhisper:
         return Transcript(
             language=language or "en", duration=audio.duration, segments=tuple(segments)
         )
+
+
+class _Cancelled(Exception):
+    """Unwinds a worker thread whose caller was cancelled."""
 
 
 class OpenAICompatibleTranscriber:

@@ -14,3 +14,7 @@ class MediaError(ValueError):
 
 class TranscriptionError(RuntimeError):
     """The engine failed on a valid medium; the message says what went wrong."""
+
+
+class UnsupportedLanguage(TranscriptionError):
+    """The caller asked for a language the model does not know: the request is at fault."""

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from aiguillage.api.errors import ApiError, invalid_request, not_found
 from aiguillage.backends.local_engine import LocalServer
 from aiguillage.speech.engines import LocalWhisper, Transcriber
-from aiguillage.speech.errors import MediaError, TranscriptionError
+from aiguillage.speech.errors import MediaError, TranscriptionError, UnsupportedLanguage
 from aiguillage.speech.formats import MEDIA_TYPES, RESPONSE_FORMATS, render
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ def whisper_app(
                     transcript = await transcriber.transcribe(media, language=language)
                 except MediaError as error:
                     raise invalid_request(f"The media cannot be transcribed: {error}") from None
+                except UnsupportedLanguage as error:
+                    raise invalid_request(str(error), param="language") from None
                 except TranscriptionError as error:
                     log.error("transcription failed: %s", error)
                     raise ApiError(500, str(error), type="server_error") from None
