@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiguillage.accounting.ledger import UsageLedger, UsageSink
 from aiguillage.accounting.usage import UsageRecord
@@ -18,6 +19,9 @@ from aiguillage.catalog.config import GatewayConfig
 from aiguillage.dispatch.queue import ModelQueue
 from aiguillage.dispatch.scheduler import LocalScheduler
 from aiguillage.observability.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from aiguillage.store.database import Database
 
 MAINTENANCE_INTERVAL_S = 5.0
 
@@ -64,6 +68,7 @@ class Gateway:
         )
         self._maintenance = Periodic("gateway-maintenance", self._maintain, MAINTENANCE_INTERVAL_S)
         self.closers: list[Callable[[], Awaitable[None]]] = []  # run after the ledger's last write
+        self.database: Database | None = None  # set by open_gateway; the jobs API needs it
 
     def record(self, row: UsageRecord) -> None:
         """Account one finished request: metrics now, the ledger row in the next batch."""
@@ -137,5 +142,6 @@ async def open_gateway(config: GatewayConfig) -> Gateway:
     keys = KeyRepository(database)
     usage = UsageRepository(database)
     gateway = Gateway(config, key_lookup=keys.get_by_hash, usage_sink=usage.insert_many)
+    gateway.database = database
     gateway.closers.append(database.dispose)
     return gateway

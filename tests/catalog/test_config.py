@@ -240,3 +240,18 @@ def test_non_mapping_top_level_is_rejected(tmp_path: Path) -> None:
 
 def test_empty_file_gives_default_config(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "")) == GatewayConfig()
+
+
+def test_the_jobs_section_has_defaults_and_is_strict() -> None:
+    from aiguillage.catalog.config import ConfigError, parse_config
+
+    config = parse_config({"jobs": {"lease_s": 20, "transcriber": {"model": "tiny.en"}}})
+    assert config.jobs.lease_s == 20 and config.jobs.allow_private_urls is False
+    assert config.jobs.transcriber.engine == "local"
+    for wrong in (
+        {"jobs": {"lease": 20}},
+        {"jobs": {"transcriber": {"engine": "openai"}}},  # a remote engine needs its url
+        {"jobs": {"max_upload_bytes": 10}},
+    ):
+        with pytest.raises(ConfigError):
+            parse_config(wrong)

@@ -18,6 +18,7 @@ import yaml
 
 from aiguillage.backends.local_engine import EngineUnavailable, free_port, llama_server_binary
 from tests.fakes.engine import FakeEngine
+from tests.speech.conftest import speak
 
 AIGUILLAGE = [sys.executable, "-m", "aiguillage.cli"]
 
@@ -69,15 +70,20 @@ def test_demo_serves_a_real_model_and_stops_its_engines(
         model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
     assert reply.choices[0].message.content
-    engine_url = yaml.safe_load((tmp_path / "demo.yaml").read_text())["models"][0]["servers"][0][
-        "url"
-    ]
+    speech = speak("The students are learning mathematics.", tmp_path / "speech.wav")
+    transcript = client.audio.transcriptions.create(
+        model="whisper-base", file=speech.open("rb"), response_format="text", language="en"
+    )
+    assert "mathematics" in str(transcript).lower()
+    models = yaml.safe_load((tmp_path / "demo.yaml").read_text())["models"]
+    engine_url, whisper_url = (model["servers"][0]["url"] for model in models)
     demo.send_signal(signal.SIGINT)
     output = demo.communicate(timeout=30)[0].decode()
     assert demo.returncode == 0, output
     assert key in output and "curl" in output and "from openai import OpenAI" in output
-    with pytest.raises(httpx.TransportError):  # the engine went away with the demo
-        httpx.get(f"{engine_url}/health", timeout=2)
+    for url in (engine_url, whisper_url):
+        with pytest.raises(httpx.TransportError):  # the engines went away with the demo
+            httpx.get(f"{url}/health", timeout=2)
 
 
 def test_serve_with_two_workers_shares_keys_and_sums_metrics(

@@ -19,9 +19,12 @@ from starlette.routing import Route
 from aiguillage.api.asgi import Receive, Scope, Send
 from aiguillage.api.errors import ApiError, forbidden, not_found
 from aiguillage.api.inference import InferenceEndpoint
+from aiguillage.api.jobs import JobsApi
+from aiguillage.api.transcription import TRANSCRIPTIONS_PATH, TranscriptionEndpoint
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.catalog.config import GatewayConfig
 from aiguillage.gateway import Gateway, open_gateway
+from aiguillage.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class AiguillageApp:
         self._factory = gateway_factory
         self._gateway: Gateway | None = None
         self._hot: dict[str, InferenceEndpoint] = {}
+        self.jobs_api = JobsApi(config.jobs, self._database)
         self._other = Starlette(
             routes=[
                 Route("/v1/models", self._list_models, methods=["GET"]),
@@ -50,6 +54,7 @@ class AiguillageApp:
                 Route("/readyz", self._readyz, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
                 Route("/admin/dispatch", self._admin_dispatch, methods=["GET"]),
+                *self.jobs_api.routes(),
             ],
             exception_handlers={
                 ApiError: _api_error_response,
@@ -70,6 +75,14 @@ class AiguillageApp:
             )
         return self._gateway
 
+    def _database(self) -> Database:
+        database = self.gateway.database
+        if database is None:
+            raise ApiError(
+                503, "This gateway has no database.", type="service_unavailable", code="no_database"
+            )
+        return database
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             endpoint = self._hot.get(scope["path"])
@@ -88,6 +101,7 @@ class AiguillageApp:
             path: InferenceEndpoint(gateway, path, streamable=streamable)
             for path, streamable in INFERENCE_ROUTES.items()
         }
+        self._hot[TRANSCRIPTIONS_PATH] = TranscriptionEndpoint(gateway)
 
     async def shutdown(self) -> None:
         if self._gateway is not None:

@@ -33,12 +33,18 @@ from aiguillage.api.errors import (
     error_body,
     forbidden,
     gateway_timeout,
+    invalid_request,
     not_found,
 )
-from aiguillage.api.payload import InferenceRequest, parse_inference_request, parse_priority_header
+from aiguillage.api.payload import (
+    RelayedRequest,
+    parse_inference_request,
+    parse_priority_header,
+)
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.backends.http_client import UpstreamError, UpstreamTimeout
 from aiguillage.backends.relay import Upstream
+from aiguillage.catalog.catalog import ModelEntry
 from aiguillage.dispatch.tickets import RoutingMode, Ticket
 from aiguillage.gateway import Gateway
 
@@ -154,7 +160,7 @@ class InferenceEndpoint:
 
     async def _admit(
         self, scope: Scope, receive: Receive, headers: dict[str, str], exchange: _Exchange
-    ) -> InferenceRequest:
+    ) -> RelayedRequest:
         """Authenticate, read and check the body, resolve the model; raise `ApiError` if not."""
         if scope["method"] != "POST":
             raise ApiError(
@@ -166,6 +172,19 @@ class InferenceEndpoint:
             )
         identity = await self.gateway.authenticator.authenticate(headers.get("authorization"))
         exchange.identity = identity
+        request = await self._read_request(receive, headers)
+        entry = self.gateway.catalog.resolve(request.model)
+        if entry is None:
+            raise not_found(f"The model '{request.model}' does not exist.", param="model")
+        self._check_kind(entry)
+        exchange.model = entry.name
+        exchange.stream = request.stream
+        if not identity.may_use(entry.name):
+            raise forbidden(f"This API key may not use the model '{entry.name}'.")
+        return request
+
+    async def _read_request(self, receive: Receive, headers: dict[str, str]) -> RelayedRequest:
+        """The JSON body, parsed and checked; the audio routes read multipart instead."""
         content_type = headers.get("content-type", "")
         if content_type.split(";", 1)[0].strip().lower() != "application/json":
             raise ApiError(
@@ -180,17 +199,19 @@ class InferenceEndpoint:
         header_priority = parse_priority_header(headers.get("x-priority"))
         if header_priority is not None and request.priority is None:
             request.priority = header_priority
-        entry = self.gateway.catalog.resolve(request.model)
-        if entry is None:
-            raise not_found(f"The model '{request.model}' does not exist.", param="model")
-        exchange.model = entry.name
-        exchange.stream = request.stream
-        if not identity.may_use(entry.name):
-            raise forbidden(f"This API key may not use the model '{entry.name}'.")
         return request
 
+    def _check_kind(self, entry: ModelEntry) -> None:
+        """Refuse a model these routes cannot use, before it takes a place in a queue."""
+        if entry.config.kind == "transcription":
+            raise invalid_request(
+                f"The model '{entry.name}' transcribes speech: use POST /v1/audio/transcriptions.",
+                param="model",
+                code="wrong_model_kind",
+            )
+
     async def _relay(
-        self, request: InferenceRequest, headers: dict[str, str], exchange: _Exchange, send: Send
+        self, request: RelayedRequest, headers: dict[str, str], exchange: _Exchange, send: Send
     ) -> None:
         identity = exchange.identity
         assert identity is not None

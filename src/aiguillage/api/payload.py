@@ -9,7 +9,7 @@ The gateway never rebuilds OpenAI's schema: the engine validates the rest and it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -17,6 +17,29 @@ from aiguillage.api.errors import invalid_request
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 1000
+
+
+class RelayedRequest(Protocol):
+    """What the relay needs of a request body, whatever its encoding (JSON, multipart)."""
+
+    model: str
+    stream: bool
+    priority: int | None
+
+    @property
+    def content_type(self) -> str:
+        """The Content-Type of the bytes `upstream_body` returns."""
+        ...
+
+    def upstream_body(
+        self, served_name: str, engine_priority: int | None = None
+    ) -> tuple[bytes, bool]:
+        """The bytes to send to the engine, and whether we added usage reporting ourselves."""
+        ...
+
+    def prefix(self, chars: int) -> str | None:
+        """The prompt's leading text for prefix affinity, or None."""
+        ...
 
 
 @dataclass(slots=True)
@@ -29,6 +52,10 @@ class InferenceRequest:
     stream: bool
     priority: int | None
     client_wants_usage: bool
+
+    @property
+    def content_type(self) -> str:
+        return "application/json"
 
     def upstream_body(
         self, served_name: str, engine_priority: int | None = None

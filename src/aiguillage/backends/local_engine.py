@@ -15,8 +15,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar, Self
 
 SMOLLM2_SERVED_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,8 +62,70 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class LlamaCppServer:
-    """One `llama-server` process on loopback, started and stopped by us."""
+class LocalServer(ABC):
+    """An engine process on loopback, started and stopped by us, up once `/health` says 200."""
+
+    name: ClassVar[str]
+    extra_env: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, *, port: int | None = None, log_file: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_file = log_file
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @abstractmethod
+    def command(self) -> list[str]:
+        """The command line that starts the engine on `self.port`."""
+
+    def start(self, timeout_s: float = 60.0) -> Self:
+        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self._process = subprocess.Popen(
+            self.command(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.extra_env},
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EngineUnavailable(
+                    f"{self.name} exited with code {self._process.returncode}"
+                    + (f"; see {self.log_file}" if self.log_file else "")
+                )
+            if self.healthy():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise EngineUnavailable(f"{self.name} did not become healthy within {timeout_s:.0f} s")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+
+class LlamaCppServer(LocalServer):
+    """One `llama-server` process with SmolLM2."""
+
+    name = "llama-server"
+    extra_env: ClassVar[dict[str, str]] = {"LLAMA_ARG_HOST": "127.0.0.1"}
 
     def __init__(
         self,
@@ -73,17 +137,11 @@ class LlamaCppServer:
         log_file: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.port = port or free_port()
+        super().__init__(port=port, log_file=log_file)
         self.parallel = parallel
         self.context = context
         self.threads = threads
-        self.log_file = log_file
         self.extra_args = tuple(extra_args)
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -106,42 +164,3 @@ class LlamaCppServer:
             "--no-webui",
             *self.extra_args,
         ]
-
-    def start(self, timeout_s: float = 60.0) -> LlamaCppServer:
-        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self._process = subprocess.Popen(
-            self.command(),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "LLAMA_ARG_HOST": "127.0.0.1"},
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise EngineUnavailable(
-                    f"llama-server exited with code {self._process.returncode}"
-                    + (f"; see {self.log_file}" if self.log_file else "")
-                )
-            if self.healthy():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise EngineUnavailable(f"llama-server did not become healthy within {timeout_s:.0f} s")
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None

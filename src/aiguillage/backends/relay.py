@@ -19,7 +19,7 @@ from aiguillage.api.errors import (
     gateway_timeout,
     unavailable,
 )
-from aiguillage.api.payload import MAX_PRIORITY, InferenceRequest
+from aiguillage.api.payload import MAX_PRIORITY, RelayedRequest
 from aiguillage.backends.backend import Backend
 from aiguillage.backends.http_client import (
     UpstreamConnectError,
@@ -43,7 +43,6 @@ from aiguillage.observability.metrics import GatewayMetrics
 log = logging.getLogger(__name__)
 
 # Headers that describe one hop, or that the ASGI server writes itself.
-_JSON_HEADERS = (("Content-Type", "application/json"), ("Accept-Encoding", "identity"))
 _NOT_RELAYED = frozenset(
     {
         b"connection",
@@ -92,7 +91,7 @@ class Relay:
         self,
         ticket: Ticket,
         path: str,
-        request: InferenceRequest,
+        request: RelayedRequest,
         request_id: str,
     ) -> Upstream:
         """Get a lease, post the body, and return once the engine's headers are in.
@@ -121,7 +120,12 @@ class Relay:
                 response = await backend.pool.request(
                     "POST",
                     backend.path(path),
-                    [*backend.auth_headers, *_JSON_HEADERS, ("X-Request-Id", request_id)],
+                    [
+                        *backend.auth_headers,
+                        ("Content-Type", request.content_type),
+                        ("Accept-Encoding", "identity"),
+                        ("X-Request-Id", request_id),
+                    ],
                     body,
                 )
             except BaseException as error:

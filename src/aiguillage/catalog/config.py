@@ -29,6 +29,9 @@ RoutingStrategy = Literal[
     "round-robin", "weighted", "least-busy", "latency", "prefix-affinity", "owner-first"
 ]
 QosPolicyName = Literal["none", "parallel-threshold", "performance"]
+# What a model does, hence which routes may use it: the chat, completion and embedding
+# routes refuse a transcription model and `/v1/audio/transcriptions` takes only those.
+ModelKind = Literal["chat", "completion", "embedding", "transcription"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./aiguillage.db"
 DATABASE_URL_ENV = "AIGUILLAGE_DATABASE_URL"
@@ -106,6 +109,7 @@ class ModelConfig(_Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=256)]
     model: str | None = None  # name served by the engines; defaults to `name`
+    kind: ModelKind = "chat"
     aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     routing_strategy: RoutingStrategy = "round-robin"
     qos: QosConfig = Field(default_factory=QosConfig)
@@ -122,12 +126,74 @@ class ModelConfig(_Strict):
         return self.model or self.name
 
 
+class TranscriberConfig(_Strict):
+    """Which speech-to-text engine the transcription step uses.
+
+    `local`: faster-whisper in the worker's process (`model`: "base", "tiny.en"...).
+    `openai`: an OpenAI-compatible `/v1/audio/transcriptions` at `url` (a catalog backend).
+    """
+
+    engine: Literal["local", "openai"] = "local"
+    model: Annotated[str, Field(min_length=1)] = "base"
+    url: AnyHttpUrl | None = None
+    api_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _url_for_remote(self) -> TranscriberConfig:
+        if self.engine == "openai" and self.url is None:
+            raise ValueError("engine 'openai' needs a url")
+        return self
+
+
+class JobsLlmConfig(_Strict):
+    """How workers reach an LLM for translation and enrichment: the gateway's own API.
+
+    The key's priority is a ceiling; each call asks for its job owner's priority.
+    """
+
+    gateway_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    api_key: SecretStr | None = None
+    model: Annotated[str, Field(min_length=1)] = "smollm2"
+    max_tokens: Annotated[int, Field(ge=16)] = 512
+    timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    attempts: Annotated[int, Field(ge=1, le=10)] = 3  # an answer that fails validation is re-asked
+
+
+class WebhookConfig(_Strict):
+    """Delivery of job events to the client's callback URL."""
+
+    every_state: bool = False  # default: terminal states only (a job may ask for every state)
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = 8
+    backoff_s: Annotated[float, Field(gt=0)] = 2.0  # doubled after each failed attempt
+
+
+class JobsConfig(_Strict):
+    """Asynchronous speech-to-text jobs: storage, limits, workers, LLM and webhooks."""
+
+    storage_dir: Path = Path("./aiguillage-media")
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**3
+    allow_private_urls: bool = False  # media URLs on loopback or private networks (SSRF)
+    fetch_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    token_ttl_s: Annotated[int, Field(ge=60, le=7 * 86400)] = 3600
+    lease_s: Annotated[float, Field(ge=1)] = 60.0  # a dead worker's job is retaken after this
+    poll_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3  # per step
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 5.0  # doubled after each failed attempt
+    stop_grace_s: Annotated[float, Field(ge=0)] = 30.0  # SIGTERM: finish within this, or hand back
+    upload_timeout_s: Annotated[float, Field(ge=60)] = 6 * 3600.0  # then an UPLOADING job fails
+    transcriber: TranscriberConfig = Field(default_factory=TranscriberConfig)
+    llm: JobsLlmConfig = Field(default_factory=JobsLlmConfig)
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
+
+
 class GatewayConfig(_Strict):
     """Everything `aiguillage serve` needs, with defaults for the embedded setup."""
 
     database_url: str | None = None
     site: str | None = None  # this gateway's datacentre: its backends are preferred at equal load
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    max_audio_bytes: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024  # OpenAI's own limit
     key_cache_ttl_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 3.0
     first_byte_timeout_s: Annotated[float, Field(gt=0)] = 600.0
@@ -139,6 +205,7 @@ class GatewayConfig(_Strict):
     ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 1.0
     ledger_batch_size: Annotated[int, Field(ge=1)] = 500
     models: list[ModelConfig] = Field(default_factory=list)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @field_validator("database_url")
     @classmethod

@@ -108,6 +108,24 @@ def list_models(config: ConfigOption) -> None:
     console.print(table)
 
 
+@app.command("whisper-server")
+def whisper_server(
+    model: Annotated[str, typer.Option(help="Whisper model: base or tiny.en.")] = "base",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9100,
+    cpu_threads: Annotated[int, typer.Option(min=0, help="CPU threads (0: all).")] = 0,
+) -> None:
+    """Serve a local Whisper model as an OpenAI-compatible transcription backend."""
+    from aiguillage.speech.errors import TranscriptionError
+    from aiguillage.speech.server import serve_whisper
+
+    try:
+        serve_whisper(model, host, port, cpu_threads=cpu_threads)
+    except TranscriptionError as error:
+        errors.print(f"error: {error}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+
+
 def _migrate(config: GatewayConfig) -> None:
     from aiguillage.store.database import Database
 
@@ -136,11 +154,15 @@ def _redacted(url: str) -> str:
 
 
 def _register_commands() -> None:
+    from aiguillage.cli.clients import clients_app
     from aiguillage.cli.demo import demo
     from aiguillage.cli.loadtest import loadtest
+    from aiguillage.cli.worker import worker
 
     app.command()(demo)
     app.command()(loadtest)
+    app.command()(worker)
+    app.add_typer(clients_app, name="clients")
 
 
 _register_commands()

@@ -1,7 +1,8 @@
 """`aiguillage demo`: the embedded default, end to end, on one machine.
 
-Starts llama.cpp engines with SmolLM2 on loopback, writes a configuration for
-them, creates a demo key, prints how to call the gateway, and serves it.
+Starts llama.cpp engines with SmolLM2 and a Whisper base transcription server on
+loopback, writes a configuration for them, creates a demo key, prints how to call
+the gateway, and serves it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from aiguillage.backends.local_engine import (
     SMOLLM2_SERVED_NAME,
     EngineUnavailable,
     LlamaCppServer,
+    LocalServer,
 )
 from aiguillage.catalog.config import parse_config
+from aiguillage.speech.server import LocalWhisperServer
 
 console = Console()
 
 
-def demo_config(engine_urls: list[str], database_url: str) -> dict[str, Any]:
-    return {
+def demo_config(
+    engine_urls: list[str], database_url: str, whisper: LocalWhisperServer | None = None
+) -> dict[str, Any]:
+    settings: dict[str, Any] = {
         "database_url": database_url,
         "site": "local",
         "models": [
@@ -42,6 +47,17 @@ def demo_config(engine_urls: list[str], database_url: str) -> dict[str, Any]:
             }
         ],
     }
+    if whisper is not None:
+        settings["models"].append(
+            {
+                "name": "whisper-base",
+                "model": whisper.served_name,
+                "kind": "transcription",
+                "aliases": ["whisper-1"],
+                "servers": [{"url": whisper.url, "engine": "openai", "max_concurrency": 1}],
+            }
+        )
+    return settings
 
 
 def _create_demo_key(database_url: str) -> str:
@@ -78,12 +94,19 @@ def _usage_help(url: str, key: str) -> str:
       model="smollm2", messages=[{{"role": "user", "content": "Hello!"}}])
   print(reply.choices[0].message.content)
 
+[bold]Transcription[/bold]
+  curl {url}/v1/audio/transcriptions -H "Authorization: Bearer {key}" \
+    -F model=whisper-base -F file=@lecture.mp3 -F response_format=srt
+
 Metrics: {url}/metrics   Ready: {url}/readyz   Stop: Ctrl-C"""
 
 
 def demo(
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
     engines: Annotated[int, typer.Option(min=1, max=4, help="llama.cpp engines to start.")] = 2,
+    whisper: Annotated[
+        bool, typer.Option(help="Also start a Whisper base transcription server.")
+    ] = True,
     workdir: Annotated[Path, typer.Option(help="Where config, database and logs go.")] = Path(
         ".run"
     ),
@@ -93,12 +116,18 @@ def demo(
 
     workdir.mkdir(parents=True, exist_ok=True)
     database_url = f"sqlite+aiosqlite:///{(workdir / 'aiguillage.db').resolve()}"
-    servers = [LlamaCppServer(log_file=workdir / f"engine-{index}.log") for index in range(engines)]
+    engines_started: list[LlamaCppServer] = [
+        LlamaCppServer(log_file=workdir / f"engine-{index}.log") for index in range(engines)
+    ]
+    transcriber = LocalWhisperServer("base", log_file=workdir / "whisper.log") if whisper else None
+    servers: list[LocalServer] = [*engines_started, *([transcriber] if transcriber else [])]
     try:
         with console.status(f"Starting {engines} llama.cpp engine(s) with SmolLM2..."):
             for server in servers:
                 server.start()
-        settings = demo_config([server.url for server in servers], database_url)
+        settings = demo_config(
+            [server.url for server in engines_started], database_url, transcriber
+        )
         parse_config(settings, "demo")  # the demo must be a valid configuration
         config_path = workdir / "demo.yaml"
         config_path.write_text(yaml.safe_dump(settings, sort_keys=False))

@@ -244,6 +244,17 @@ def parse_models(text: str) -> list[str]:
 def run(
     work: Callable[[KeyRepository], Awaitable[T]], config: Path | None, database_url: str | None
 ) -> T:
+    """Migrate the database, then run `work` on its keys; failures exit with one clear line."""
+
+    async def on_keys(database: Database) -> T:
+        return await work(KeyRepository(database))
+
+    return run_on_database(on_keys, config, database_url)
+
+
+def run_on_database(
+    work: Callable[[Database], Awaitable[T]], config: Path | None, database_url: str | None
+) -> T:
     """Migrate the database, then run `work` on it; failures exit with one clear line."""
     try:
         url = resolve_database_url(database_url, config)
@@ -254,7 +265,7 @@ def run(
     async def session() -> T:
         try:
             await database.upgrade()
-            return await work(KeyRepository(database))
+            return await work(database)
         finally:
             await database.dispose()
 

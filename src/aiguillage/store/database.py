@@ -15,6 +15,8 @@ upgrades from interleaving in Alembic's global state.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -23,7 +25,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -71,6 +73,21 @@ class Database:
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
                     )
                 await connection.run_sync(_upgrade_head)
+
+    @asynccontextmanager
+    async def begin_write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that holds the write lock from its first statement on SQLite.
+
+        SQLite's default BEGIN takes the lock at the first write, so two processes
+        could both read the same row before either writes it; BEGIN IMMEDIATE makes
+        read-then-update sequences (a worker claiming a job) atomic across processes.
+        On PostgreSQL it is an ordinary transaction: callers lock rows themselves.
+        """
+        async with self.engine.connect() as connection:
+            if self.is_sqlite:
+                connection = await connection.execution_options(**{_IMMEDIATE: True})
+            async with connection.begin():
+                yield connection
 
     async def dispose(self) -> None:
         """Close every pooled connection."""

@@ -120,3 +120,93 @@ usage = Table(
     Index("ix_usage_organisation_started_at", "organisation", "started_at"),
     Index("ix_usage_model_started_at", "model", "started_at"),
 )
+
+# OAuth2 client credentials (the transcription API). Secrets and tokens are stored as
+# SHA-256 hashes only; the webhook secret is kept as is because signing needs it.
+oauth_clients = Table(
+    "oauth_clients",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("client_id", String(64), nullable=False, unique=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("organisation", String(255), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("scopes", JSON, nullable=False),
+    Column("webhook_secret", String(128), nullable=False),
+    Column("revoked", Boolean, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+oauth_tokens = Table(
+    "oauth_tokens",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("client", Integer, nullable=False),
+    Column("scopes", JSON, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_oauth_tokens_expires_at", "expires_at"),
+)
+
+# One row per transcription job. The state column is the queue: workers claim rows in a
+# WAITING_* state (or a running state whose lease expired) and hold them with a lease.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("client", Integer, nullable=False),
+    Column("organisation", String(255), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("source_url", String, nullable=True),
+    Column("media_name", String, nullable=True),
+    Column("media_bytes", BigInteger, nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UtcDateTime, nullable=True),
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_until", UtcDateTime, nullable=True),
+    Column("failed_step", String(32), nullable=True),
+    Column("failure_cause", String, nullable=True),
+    Column("transcript", JSON, nullable=True),
+    Column("translations", JSON, nullable=True),  # language -> transcript
+    Column("enrichment", JSON, nullable=True),  # item -> validated answer
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_jobs_state_priority_created_at", "state", "priority", "created_at"),
+    Index("ix_jobs_client_created_at", "client", "created_at"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(40), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("detail", String, nullable=True),
+    Index("ix_job_events_job_id_id", "job_id", "id"),
+)
+
+# A durable outbox: a worker that dies mid-delivery leaves the row for the next one.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(40), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("url", String, nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("idempotency_key", String(64), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    Column("lease_until", UtcDateTime, nullable=True),
+    Column("log", JSON, nullable=False),  # one entry per attempt: at, status code, error
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_job_id", "job_id"),
+)

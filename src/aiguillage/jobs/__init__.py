@@ -1,0 +1,1 @@
+"""Asynchronous speech-to-text jobs: states, options, pipeline steps, workers, webhooks."""
