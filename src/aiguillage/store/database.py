@@ -30,7 +30,9 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
-SQLITE_BUSY_TIMEOUT_MS = 5000
+# SQLite has one writer at a time: processes migrating together, or workers claiming jobs,
+# wait for the lock; 5 s proved too short when several start at once on a busy machine.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 10.0
 # Any fixed 64-bit number: every Aiguillage process takes this lock to migrate.
 _PG_MIGRATION_LOCK = 0x41_49_47_55_49_4C_4C_41  # "AIGUILLA"
