@@ -16,7 +16,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 
-from aiguillage.store.database import Database, alembic_config, open_database
+from aiguillage.store.database import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    Database,
+    alembic_config,
+    open_database,
+)
 from aiguillage.store.keys import KeyRepository
 from aiguillage.store.tables import metadata
 
@@ -178,7 +183,7 @@ async def test_sqlite_connections_use_wal_and_a_busy_timeout(tmp_path: Path) -> 
         async with database.engine.connect() as connection:
             mode = await connection.scalar(text("PRAGMA journal_mode"))
             timeout = await connection.scalar(text("PRAGMA busy_timeout"))
-        assert (mode, timeout) == ("wal", 5000)
+        assert (mode, timeout) == ("wal", SQLITE_BUSY_TIMEOUT_MS)
     finally:
         await database.dispose()
 
