@@ -17,6 +17,7 @@ from aiguillage.backends.signals import SignalScraper
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.catalog.config import GatewayConfig
 from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.redis_scheduler import RedisScheduler
 from aiguillage.dispatch.scheduler import LocalScheduler
 from aiguillage.observability.metrics import GatewayMetrics
 
@@ -43,9 +44,20 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.catalog = Catalog.from_config(config)
         self.authenticator = Authenticator(key_lookup, config.key_cache_ttl_s)
-        self.scheduler = LocalScheduler(
-            self.catalog, site=config.site, on_queue_change=self._queue_changed
-        )
+        self.scheduler: LocalScheduler | RedisScheduler
+        if config.scheduler_url:
+            self.scheduler = RedisScheduler(
+                self.catalog,
+                config.scheduler_url,
+                site=config.site,
+                prefix=config.scheduler_prefix,
+                lease_ttl_s=config.scheduler_lease_ttl_s,
+                on_availability=lambda up: self.metrics.scheduler_unavailable.set(0 if up else 1),
+            )
+        else:
+            self.scheduler = LocalScheduler(
+                self.catalog, site=config.site, on_queue_change=self._queue_changed
+            )
         self.relay = Relay(self.scheduler, self.metrics)
         self.ledger = UsageLedger(
             usage_sink,
@@ -114,6 +126,8 @@ class Gateway:
                 log.error("critical model %s is below its minimum of usable backends", name)
 
     async def start(self) -> None:
+        if isinstance(self.scheduler, RedisScheduler):
+            await self.scheduler.start()
         self.ledger.start()
         await self.prober.probe_all()
         self.prober.start()
@@ -125,6 +139,8 @@ class Gateway:
         await self.prober.stop()
         await self.scraper.stop()
         await self.ledger.close()
+        if isinstance(self.scheduler, RedisScheduler):
+            await self.scheduler.close()
         for backend in self.catalog.backends():
             await backend.close()
         for close in self.closers:

@@ -202,6 +202,11 @@ class GatewayConfig(_Strict):
     circuit_failures: Annotated[int, Field(ge=1)] = 3  # consecutive failures that open it
     circuit_open_s: Annotated[float, Field(gt=0)] = 10.0  # then one trial request
     lease_ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # safety net for a lost release
+    # the shared scheduler for several replicas (redis://host:port/db); unset: in-process
+    scheduler_url: str | None = None
+    scheduler_prefix: str = "aiguillage"  # Redis key prefix, one per federation
+    # a killed replica's slots come back within this time (its leases are no longer renewed)
+    scheduler_lease_ttl_s: Annotated[float, Field(ge=1, le=60)] = 8.0
     ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 1.0
     ledger_batch_size: Annotated[int, Field(ge=1)] = 500
     models: list[ModelConfig] = Field(default_factory=list)

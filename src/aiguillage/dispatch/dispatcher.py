@@ -34,6 +34,10 @@ class QueueTimeout(DispatchError):
     """The ticket waited the model's `queue_timeout_s` without a backend becoming free."""
 
 
+class SchedulerUnavailable(DispatchError):
+    """The shared scheduler (Redis) does not answer: no replica can keep the caps alone."""
+
+
 class Dispatcher(Protocol):
     async def acquire(self, ticket: Ticket) -> Lease:
         """A lease on a backend of the ticket's model, never one in `ticket.exclude`;

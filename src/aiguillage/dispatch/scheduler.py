@@ -85,7 +85,7 @@ class LocalScheduler:
     async def acquire(self, ticket: Ticket) -> Lease:
         """A lease for this ticket, at once or after waiting its turn; raises `DispatchError`."""
         state = self._states[ticket.model.name]
-        self._check_servable(ticket)
+        check_servable(ticket)
         if not ticket.seq:
             ticket.seq = next(self._seq)
             ticket.enqueued_at = self._clock()
@@ -138,53 +138,8 @@ class LocalScheduler:
 
     # --- placement ------------------------------------------------------------------------
 
-    def _check_servable(self, ticket: Ticket) -> None:
-        backends = [b for b in ticket.model.backends if b not in ticket.exclude]
-        if ticket.routing_mode is RoutingMode.PRIVATE_ONLY:
-            backends = [b for b in backends if b.owner == ticket.organisation]
-            if not any(b.owner == ticket.organisation for b in ticket.model.backends):
-                raise NoPrivateBackend(ticket.model.name)
-        if not any(backend.usable() for backend in backends):
-            raise NoBackendAvailable(ticket.model.name)
-
-    def limit(self, ticket: Ticket, backend: Backend) -> int:
-        """How many of our requests this backend may hold when this ticket is added."""
-        owner = backend.owner is not None and backend.owner == ticket.organisation
-        limit = backend.max_concurrency
-        if not owner:
-            limit -= backend.owner_reserved
-        config = ticket.model.config
-        if not config.critical:
-            limit -= backend.reserved_for_critical
-        if config.qos.policy == "parallel-threshold" and not owner:
-            share = config.qos.share_for(ticket.priority)
-            limit = min(limit, max(1, math.floor(share * backend.max_concurrency)))
-        return limit
-
     def _may_take(self, ticket: Ticket, backend: Backend) -> bool:
-        if backend in ticket.exclude or not backend.usable():
-            return False
-        if ticket.routing_mode is RoutingMode.PRIVATE_ONLY and backend.owner != ticket.organisation:
-            return False
-        if backend.in_flight >= self.limit(ticket, backend):
-            return False
-        qos = ticket.model.config.qos
-        if (
-            qos.policy == "performance"
-            and ticket.priority < qos.protected_priority
-            and backend.owner != ticket.organisation
-            and backend.in_flight > 0  # an idle backend is always fast enough
-        ):
-            ttft = backend.ttft_ewma_s
-            signals = backend.load
-            if ttft is None and signals is not None:
-                ttft = signals.ttft_p95_s
-            if ttft is not None and ttft > qos.ttft_target_s:
-                return False
-            waiting = signals.waiting if signals is not None else None
-            if waiting is not None and waiting > qos.engine_queue_target:
-                return False
-        return True
+        return eligible(ticket, backend) and backend.in_flight < slot_limit(ticket, backend)
 
     def _place(
         self, ticket: Ticket, state: _ModelState, only: Sequence[Backend] | None = None
@@ -329,3 +284,57 @@ class LocalScheduler:
             for name, state in self._states.items()
         }
         return {"models": models, "backends": backends}
+
+
+def slot_limit(ticket: Ticket, backend: Backend) -> int:
+    """How many of our requests this backend may hold when this ticket is added: its
+    capacity less the slots reserved for its owner and for critical models, and under
+    the parallel-threshold policy only the share of the ticket's priority level."""
+    owner = backend.owner is not None and backend.owner == ticket.organisation
+    limit = backend.max_concurrency
+    if not owner:
+        limit -= backend.owner_reserved
+    config = ticket.model.config
+    if not config.critical:
+        limit -= backend.reserved_for_critical
+    if config.qos.policy == "parallel-threshold" and not owner:
+        share = config.qos.share_for(ticket.priority)
+        limit = min(limit, max(1, math.floor(share * backend.max_concurrency)))
+    return limit
+
+
+def eligible(ticket: Ticket, backend: Backend) -> bool:
+    """Whether the ticket may go to this backend at all, capacity aside: not already tried,
+    usable, allowed by the key's routing mode and by the `performance` QoS policy."""
+    if backend in ticket.exclude or not backend.usable():
+        return False
+    if ticket.routing_mode is RoutingMode.PRIVATE_ONLY and backend.owner != ticket.organisation:
+        return False
+    qos = ticket.model.config.qos
+    if (
+        qos.policy == "performance"
+        and ticket.priority < qos.protected_priority
+        and backend.owner != ticket.organisation
+        and backend.in_flight > 0  # an idle backend is always fast enough
+    ):
+        ttft = backend.ttft_ewma_s
+        signals = backend.load
+        if ttft is None and signals is not None:
+            ttft = signals.ttft_p95_s
+        if ttft is not None and ttft > qos.ttft_target_s:
+            return False
+        waiting = signals.waiting if signals is not None else None
+        if waiting is not None and waiting > qos.engine_queue_target:
+            return False
+    return True
+
+
+def check_servable(ticket: Ticket) -> None:
+    """Fail at once when no backend could ever take the ticket, rather than queue it."""
+    backends = [b for b in ticket.model.backends if b not in ticket.exclude]
+    if ticket.routing_mode is RoutingMode.PRIVATE_ONLY:
+        backends = [b for b in backends if b.owner == ticket.organisation]
+        if not any(b.owner == ticket.organisation for b in ticket.model.backends):
+            raise NoPrivateBackend(ticket.model.name)
+    if not any(backend.usable() for backend in backends):
+        raise NoBackendAvailable(ticket.model.name)
