@@ -103,12 +103,14 @@ def cluster(tmp_path: Path, engine: FakeEngine) -> Iterator[Cluster]:
     processes, urls = [], []
     for _ in range(3):
         port = free_port()
+        command = [*AIGUILLAGE, "serve", "--config", str(config), "--port", str(port)]
         processes.append(
             subprocess.Popen(
-                [*AIGUILLAGE, "serve", "--config", str(config), "--port", str(port),
-                 "--log-level", "warning"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
+                [*command, "--log-level", "warning"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         )
         urls.append(f"http://127.0.0.1:{port}")
     try:
