@@ -123,6 +123,22 @@ async def test_a_backend_cap_holds_across_replicas_under_concurrent_acquires(
     assert await one.in_flight(backend) == 0
 
 
+async def test_a_burst_of_requests_shares_a_bounded_set_of_connections(
+    replicas: MakeReplica,
+) -> None:
+    """More simultaneous requests than Redis connections: they wait for one, none fails."""
+    one, entry = await replicas({**SERVER, "max_concurrency": 10_000})
+
+    async def request() -> None:
+        lease = await one.acquire(ticket(entry))
+        await asyncio.sleep(0.001)
+        one.release(lease, ok=True)
+
+    await asyncio.gather(*(request() for _ in range(500)))
+    await one.releases_done()
+    assert await one.in_flight(entry.backends[0]) == 0
+
+
 async def test_priority_order_holds_across_replicas(replicas: MakeReplica) -> None:
     """A high-priority ticket queued at one replica overtakes low ones queued at another."""
     one, entry_one = await replicas(SERVER, queue_timeout_s=30)

@@ -54,6 +54,7 @@ from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
 log = logging.getLogger(__name__)
 
 QUEUE_SCAN = 200  # waiting tickets a pump looks at; beyond, they wait for the next pump
+REDIS_CONNECTIONS = 32  # per replica; scripts are short, so few connections serve many requests
 _COMMON = resources.files("aiguillage.dispatch").joinpath("redis_scheduler.lua").read_text()
 
 _ACQUIRE = """
@@ -167,9 +168,17 @@ class RedisScheduler:
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._clock = clock
         self._on_availability = on_availability
-        self._redis: redis.Redis = redis.from_url(
-            url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10
+        # a bounded pool whose callers wait for a connection: under a burst, requests
+        # queue for a few hundred microseconds instead of failing with "too many connections"
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=2.0,
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+            health_check_interval=10,
         )
+        self._redis: redis.Redis = redis.Redis(connection_pool=pool)
         self._scripts = {
             name: self._redis.register_script(_COMMON + body)
             for name, body in (
@@ -214,6 +223,7 @@ class RedisScheduler:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     def catalog_changed(self) -> None:
         """Models or backends changed: rebuild the strategies; queues and leases stay."""
@@ -306,6 +316,11 @@ class RedisScheduler:
                 for entry in self._catalog
             },
         }
+
+    async def releases_done(self) -> None:
+        """Wait until Redis has heard every release so far (they run off the answer's path)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def in_flight(self, backend: Backend) -> int:
         """The backend's in-flight count across every replica (for tests and operators)."""
