@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from aiguillage.api.errors import ApiError
-from aiguillage.auth.authenticator import Authenticator
+from aiguillage.auth.authenticator import STALE_IF_ERROR_S, Authenticator
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.auth.keys import hash_key
 
@@ -211,3 +211,26 @@ async def test_waiters_are_not_stranded_when_first_caller_is_cancelled(
     waiter.cancel()
     await asyncio.gather(first, waiter, return_exceptions=True)
     assert done, "a request waiting on a cancelled lookup hangs forever"
+
+
+async def test_a_known_key_keeps_working_while_the_store_is_down(
+    auth: Authenticator, store: Store, clock: Clock
+) -> None:
+    await auth.authenticate(f"Bearer {SECRET}")
+    clock.now += TTL + 30  # expired, and the database is away
+    store.failure = ConnectionError("db down")
+    store.gate = asyncio.Event()
+    tasks = [asyncio.create_task(auth.authenticate(f"Bearer {SECRET}")) for _ in range(3)]
+    await asyncio.sleep(0)
+    store.gate.set()
+    assert [r.id for r in await asyncio.gather(*tasks)] == [1, 1, 1]  # waiters too
+    assert (await refused(auth, "Bearer sk-ag-never-seen")).code == "auth_unavailable"
+
+
+async def test_a_stale_entry_is_not_used_past_its_limit(
+    auth: Authenticator, store: Store, clock: Clock
+) -> None:
+    await auth.authenticate(f"Bearer {SECRET}")
+    clock.now += TTL + STALE_IF_ERROR_S
+    store.failure = ConnectionError("db down")
+    assert (await refused(auth, f"Bearer {SECRET}")).code == "auth_unavailable"

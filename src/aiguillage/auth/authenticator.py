@@ -1,8 +1,10 @@
 """Bearer key → identity, from an in-memory cache so the hot path never waits on the database.
 
 Entries live `ttl_s` seconds: a key revoked in the database stops working
-within that time on every process. Unknown keys are cached too, so a client
-hammering with a wrong key costs one query per TTL, not one per request.
+within that time on every process. While the database is unreachable, entries up to
+`STALE_IF_ERROR_S` old keep answering, so an outage does not lock users out.
+Unknown keys are cached too, so a client hammering with a wrong key costs one
+query per TTL, not one per request.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ KeyLookup = Callable[[str], Awaitable[ApiKeyRecord | None]]
 Clock = Callable[[], float]
 
 MAX_CACHED_KEYS = 100_000
+# While the key store is unreachable, an entry this recent still answers: a database
+# outage must not lock out every user whose key was valid a moment ago.
+STALE_IF_ERROR_S = 600.0
 
 
 class Authenticator:
@@ -66,6 +71,9 @@ class Authenticator:
             record = await self._lookup(key_hash)
         except BaseException as error:
             abandoned = not isinstance(error, Exception)  # cancelled: its client went away
+            if not abandoned and cached is not None and now - cached[1] < STALE_IF_ERROR_S:
+                future.set_result(cached[0])  # the waiters get the last known answer too
+                return cached[0]
             future.set_exception(_LookupAbandoned() if abandoned else error)
             future.exception()  # the waiters, if any, see it; nobody else must log it
             if abandoned:
