@@ -41,6 +41,7 @@ def _settings(engine: FakeEngine, closed_url: str) -> dict[str, Any]:
             model("engine-500", "status-500"),
             model("failover", closed_url, "ok"),
             model("failover-5xx", "status-503", "ok"),
+            model("last-5xx", "status-502", "down"),
             model("dead", closed_url),
             model("slow", "slow-3"),
             model("midstream", "die-mid-stream"),
@@ -297,6 +298,15 @@ def test_engine_5xx_passes_through_when_no_other_backend(gateway: RunningGateway
     response = _post(gateway, key, {"model": "engine-500", "messages": CHAT})
     assert response.status_code == 500
     assert "fake engine says 500" in response.text
+
+
+def test_engine_5xx_passes_through_when_the_other_backend_is_down(
+    gateway: RunningGateway, key: str
+) -> None:
+    time.sleep(1.0)  # two probe rounds: the "down" backend is known to be down
+    response = _post(gateway, key, {"model": "last-5xx", "messages": CHAT})
+    assert response.status_code == 502
+    assert "fake engine says 502" in response.text
 
 
 def test_connect_error_fails_over_to_another_backend(gateway: RunningGateway, key: str) -> None:

@@ -136,7 +136,7 @@ class Relay:
                 self.end_lease(lease, ok=False)
                 last_error = self._failure(backend, model, error)
                 continue
-            if response.status >= 500 and attempt < attempts:
+            if response.status >= 500 and attempt < attempts and _another_backend(ticket):
                 self._metrics.upstream_failures.labels(
                     backend.name, f"http_{response.status}"
                 ).inc()
@@ -183,6 +183,11 @@ class Relay:
         self._metrics.upstream_failures.labels(backend.name, cause).inc()
         log.warning("backend %s failed (%s): %s", backend.name, cause, type(error).__name__)
         return api_error
+
+
+def _another_backend(ticket: Ticket) -> bool:
+    """Whether a retry could go anywhere: if not, the engine's own 5xx is the best answer."""
+    return any(b.usable() for b in ticket.model.backends if b not in ticket.exclude)
 
 
 def _dispatch_error(model: ModelEntry, error: DispatchError) -> ApiError:
