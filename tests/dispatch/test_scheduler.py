@@ -517,3 +517,35 @@ async def test_latency_strategy_spreads_load_in_proportion_to_speed() -> None:
     assert fast.in_flight == 8 and slow.in_flight == 4  # no herding onto the fastest
     for lease in leases:
         scheduler.release(lease, ok=True)
+
+
+# --- catalog changes ----------------------------------------------------------------------------
+
+
+async def test_catalog_changed_reindexes_models_and_keeps_queues_and_leases() -> None:
+    scheduler, entry = setup({"url": url("a")})
+    held = await scheduler.acquire(ticket(entry))
+    (waiter,) = await waiting(scheduler, [ticket(entry)])
+    config = parse_config(
+        {
+            "models": [
+                {"name": "m", "servers": [{"url": url("a"), "max_concurrency": 1}]},
+                {"name": "n", "servers": [{"url": url("b"), "max_concurrency": 1}]},
+            ]
+        }
+    )
+    catalog = Catalog.from_config(config)
+    new_m, new_n = catalog.resolve("m"), catalog.resolve("n")
+    assert new_m is not None and new_n is not None
+    scheduler.catalog = catalog
+    scheduler.catalog_changed()
+    assert not waiter.done()  # still in line: the new backend "a" is a new object, empty
+    assert set(scheduler.explain()["models"]) == {"m", "n"}
+    lease_n = await scheduler.acquire(ticket(new_n))  # a model that did not exist before
+    assert lease_n.backend.name == "b.example:8000"
+    scheduler.release(held, ok=True)  # a lease from before the change still ends cleanly
+    assert held.backend.in_flight == 0
+    scheduler.catalog = Catalog.from_config(parse_config({"models": []}))
+    scheduler.catalog_changed()
+    with pytest.raises(NoBackendAvailable):
+        await waiter  # its model is gone

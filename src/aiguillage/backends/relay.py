@@ -36,6 +36,7 @@ from aiguillage.dispatch.dispatcher import (
     NoPrivateBackend,
     QueueFull,
     QueueTimeout,
+    SchedulerUnavailable,
 )
 from aiguillage.dispatch.tickets import Lease, Ticket
 from aiguillage.observability.metrics import GatewayMetrics
@@ -197,6 +198,12 @@ def _dispatch_error(model: ModelEntry, error: DispatchError) -> ApiError:
             f"{model.config.queue_timeout_s:g} s. Retry shortly.",
             code="queue_timeout",
             retry_after_s=max(1, round(model.config.queue_timeout_s / 6)),
+        )
+    if isinstance(error, SchedulerUnavailable):
+        return unavailable(
+            "The gateway's shared scheduler is unreachable for a moment; retry shortly.",
+            code="scheduler_unavailable",
+            retry_after_s=1,
         )
     if isinstance(error, NoPrivateBackend):
         return forbidden(

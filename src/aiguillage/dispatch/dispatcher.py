@@ -9,9 +9,12 @@ tests.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiguillage.dispatch.tickets import Lease, Ticket
+
+if TYPE_CHECKING:
+    from aiguillage.backends.backend import Backend
 
 
 class DispatchError(Exception):
@@ -34,6 +37,10 @@ class QueueTimeout(DispatchError):
     """The ticket waited the model's `queue_timeout_s` without a backend becoming free."""
 
 
+class SchedulerUnavailable(DispatchError):
+    """The shared scheduler (Redis) cannot be reached: answer 503 fast, retry shortly."""
+
+
 class Dispatcher(Protocol):
     async def acquire(self, ticket: Ticket) -> Lease:
         """A lease on a backend of the ticket's model, never one in `ticket.exclude`;
@@ -42,4 +49,28 @@ class Dispatcher(Protocol):
 
     def release(self, lease: Lease, ok: bool | None) -> None:
         """End a lease (idempotent); `ok` tells the circuit breaker how it went."""
+        ...
+
+    def backend_changed(self, backend: Backend) -> None:
+        """Capacity or health of a backend changed: waiting tickets may move."""
+        ...
+
+    def catalog_changed(self) -> None:
+        """The catalog's models/backends changed: re-index them, keep queues and leases."""
+        ...
+
+    def in_flight(self, backend: Backend) -> int:
+        """Requests on this backend through the gateway (all replicas for a shared engine)."""
+        ...
+
+    def reclaim_stale_leases(self, max_age_s: float) -> int:
+        """Release leases not renewed for `max_age_s` (a lost release); returns how many."""
+        ...
+
+    def explain(self) -> dict[str, Any]:
+        """What /admin/dispatch shows: queues, backends, recent decisions."""
+        ...
+
+    async def settled(self) -> None:
+        """Return once every operation already started (releases, pumps) has taken effect."""
         ...
