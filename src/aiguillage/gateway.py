@@ -16,6 +16,7 @@ from aiguillage.backends.signals import SignalScraper
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.catalog.config import GatewayConfig
 from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.redis_scheduler import RedisScheduler
 from aiguillage.dispatch.scheduler import LocalScheduler
 from aiguillage.observability.metrics import GatewayMetrics
 
@@ -39,8 +40,16 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.catalog = Catalog.from_config(config)
         self.authenticator = Authenticator(key_lookup, config.key_cache_ttl_s)
-        self.scheduler = LocalScheduler(
-            self.catalog, site=config.site, on_queue_change=self._queue_changed
+        self.scheduler: LocalScheduler = (
+            LocalScheduler(self.catalog, site=config.site, on_queue_change=self._queue_changed)
+            if config.scheduler_url is None
+            else RedisScheduler(
+                self.catalog,
+                config.scheduler_url,
+                site=config.site,
+                on_queue_change=self._queue_changed,
+                on_availability=lambda up: self.metrics.scheduler_unavailable.set(0 if up else 1),
+            )
         )
         self.relay = Relay(self.scheduler, self.metrics)
         self.ledger = UsageLedger(
@@ -110,6 +119,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.ledger.start()
+        await self.scheduler.start()
         await self.prober.probe_all()
         self.prober.start()
         self.scraper.start()
@@ -117,6 +127,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self._maintenance.stop()
+        await self.scheduler.close()
         await self.prober.stop()
         await self.scraper.stop()
         await self.ledger.close()

@@ -240,3 +240,10 @@ def test_non_mapping_top_level_is_rejected(tmp_path: Path) -> None:
 
 def test_empty_file_gives_default_config(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "")) == GatewayConfig()
+
+
+def test_scheduler_url_selects_redis_and_defaults_to_in_process() -> None:
+    assert parse_config({}).scheduler_url is None
+    assert parse_config({"scheduler_url": "redis://r:6379/0"}).scheduler_url == "redis://r:6379/0"
+    with pytest.raises(ConfigError, match="scheduler_url"):
+        parse_config({"scheduler_url": "http://r:6379"})

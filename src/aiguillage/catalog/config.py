@@ -126,6 +126,9 @@ class GatewayConfig(_Strict):
     """Everything `aiguillage serve` needs, with defaults for the embedded setup."""
 
     database_url: str | None = None
+    # redis://host:port/db shares queues, leases and caps between gateway replicas;
+    # unset, the in-process scheduler serves this process alone
+    scheduler_url: str | None = None
     site: str | None = None  # this gateway's datacentre: its backends are preferred at equal load
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     key_cache_ttl_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
@@ -149,6 +152,13 @@ class GatewayConfig(_Strict):
             raise ValueError(
                 "expected 'sqlite+aiosqlite:///PATH' or 'postgresql+asyncpg://USER@HOST/DB'"
             )
+        return value
+
+    @field_validator("scheduler_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected 'redis://HOST:PORT/DB' (or rediss://, unix://)")
         return value
 
     @model_validator(mode="after")

@@ -71,6 +71,14 @@ class Dispatcher(Protocol):
         """What /admin/dispatch shows: queues, backends, recent decisions."""
         ...
 
+    async def start(self) -> None:
+        """Connect and start background work (lease renewal, wake-ups); before any acquire."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work and disconnect."""
+        ...
+
     async def settled(self) -> None:
         """Return once every operation already started (releases, pumps) has taken effect."""
         ...

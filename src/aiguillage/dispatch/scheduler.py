@@ -43,7 +43,7 @@ DECISIONS_KEPT = 50
 
 
 @dataclass
-class _ModelState:
+class ModelState:
     model: ModelEntry
     strategy: Strategy
     queue: ModelQueue = field(default_factory=ModelQueue)
@@ -66,8 +66,8 @@ class LocalScheduler:
         self._clock = clock
         self._on_queue_change = on_queue_change
         self._seq = itertools.count(1)
-        self._states: dict[str, _ModelState] = {}
-        self._models_of: dict[Backend, list[_ModelState]] = {}
+        self._states: dict[str, ModelState] = {}
+        self._models_of: dict[Backend, list[ModelState]] = {}
         self.leases: set[Lease] = set()
         self.catalog_changed()
 
@@ -86,7 +86,7 @@ class LocalScheduler:
             strategy = make_strategy(entry.config.routing_strategy, entry.backends, self._site)
             state = previous.pop(entry.name, None)
             if state is None:
-                state = _ModelState(entry, strategy)
+                state = ModelState(entry, strategy)
             elif (state.model.backends, state.strategy.name) != (entry.backends, strategy.name):
                 state.strategy = strategy
             state.model = entry
@@ -154,6 +154,12 @@ class LocalScheduler:
     def in_flight(self, backend: Backend) -> int:
         return backend.in_flight
 
+    async def start(self) -> None:
+        """Nothing to connect to: the state lives in this process."""
+
+    async def close(self) -> None:
+        """Nothing to disconnect."""
+
     async def settled(self) -> None:
         """Everything here is synchronous: one turn of the loop lets woken tasks run."""
         await asyncio.sleep(0)
@@ -167,7 +173,7 @@ class LocalScheduler:
     # --- placement ------------------------------------------------------------------------
 
     def _place(
-        self, ticket: Ticket, state: _ModelState, only: Sequence[Backend] | None = None
+        self, ticket: Ticket, state: ModelState, only: Sequence[Backend] | None = None
     ) -> tuple[Backend, str, int] | None:
         backends = only if only is not None else ticket.model.backends
         candidates = [backend for backend in backends if may_take(ticket, backend)]
@@ -182,13 +188,25 @@ class LocalScheduler:
         return backend, reason, len(candidates)
 
     def _grant(
-        self, ticket: Ticket, state: _ModelState, backend: Backend, reason: str, candidates: int
+        self, ticket: Ticket, state: ModelState, backend: Backend, reason: str, candidates: int
     ) -> Lease:
+        backend.in_flight += 1
+        return self._record_grant(ticket, state, backend, reason, candidates)
+
+    def _record_grant(
+        self,
+        ticket: Ticket,
+        state: ModelState,
+        backend: Backend,
+        reason: str,
+        candidates: int,
+        token: str = "",
+    ) -> Lease:
+        """The lease, the circuit's trial accounting and the decision log of one grant."""
         now = self._clock()
         ticket.waited_s = now - ticket.enqueued_at
-        backend.in_flight += 1
         backend.circuit.on_send()
-        lease = Lease(backend, ticket, acquired_at=now, renewed_at=now, reason=reason)
+        lease = Lease(backend, ticket, acquired_at=now, renewed_at=now, reason=reason, token=token)
         self.leases.add(lease)
         state.decisions.append(
             {
@@ -204,7 +222,7 @@ class LocalScheduler:
         )
         return lease
 
-    def _pump(self, state: _ModelState) -> None:
+    def _pump(self, state: ModelState) -> None:
         """Give free capacity to waiting tickets, in order; owners first on their backends."""
         queue = state.queue
         if not queue.size:
@@ -230,7 +248,7 @@ class LocalScheduler:
             self._queue_changed(state)
 
     def _hand_over(
-        self, ticket: Ticket, state: _ModelState, placed: tuple[Backend, str, int]
+        self, ticket: Ticket, state: ModelState, placed: tuple[Backend, str, int]
     ) -> bool:
         future = ticket.future
         if future is None or future.done():
@@ -241,16 +259,16 @@ class LocalScheduler:
         return True
 
     @staticmethod
-    def _has_room(state: _ModelState) -> bool:
+    def _has_room(state: ModelState) -> bool:
         return any(b.in_flight < b.max_concurrency and b.usable() for b in state.model.backends)
 
-    def _expire(self, ticket: Ticket, state: _ModelState) -> None:
+    def _expire(self, ticket: Ticket, state: ModelState) -> None:
         if state.queue.remove(ticket):
             self._queue_changed(state)
             if ticket.future is not None and not ticket.future.done():
                 ticket.future.set_exception(QueueTimeout(ticket.model.name))
 
-    def _queue_changed(self, state: _ModelState) -> None:
+    def _queue_changed(self, state: ModelState) -> None:
         if self._on_queue_change is not None:
             self._on_queue_change(state.model, state.queue)
 

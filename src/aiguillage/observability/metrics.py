@@ -110,6 +110,12 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.scheduler_unavailable = Gauge(
+            "aiguillage_scheduler_unavailable",
+            "1 while the shared scheduler (Redis) cannot be reached: requests get 503 at once.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.ledger_dropped = Counter(
             "aiguillage_ledger_dropped_rows",
             "Usage rows dropped because the database stayed unreachable and the buffer was full.",

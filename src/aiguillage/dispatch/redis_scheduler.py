@@ -1,0 +1,428 @@
+"""The shared scheduler: several gateway replicas, one view of queues, leases and limits.
+
+Queues, in-flight counts and leases live in Redis; every change is one Lua
+script (`lua/scheduler.lua`), so caps and priorities hold across replicas.
+A replica computes what only it knows (backend health and circuits as it sees
+them, the model's strategy, the per-ticket limits of `placement.py`) and hands
+Redis the ticket's ordered list of acceptable backends with their limits;
+Redis places the ticket on the first with room, or queues it globally.
+
+A queued ticket waits on a future. Whoever frees a slot (any replica) runs the
+pump in the same script; a grant for a ticket of another replica is published
+on that replica's channel, whose listener resolves the future: no polling.
+
+Leases carry a deadline that their replica renews every `renew_interval_s`;
+every replica reaps expired leases every `reap_interval_s`, so the capacity of
+a replica that died comes back within `lease_ttl_s` plus one reap.
+
+When Redis cannot be reached, `acquire` raises `SchedulerUnavailable` at once
+(the relay answers 503 with Retry-After) and the client reconnects by itself;
+after a restart that lost the data, renewal puts this replica's live leases
+back and re-registers the catalog, and tickets Redis forgot fail with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from importlib.resources import files
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from aiguillage.backends.backend import Backend
+from aiguillage.backends.periodic import Periodic
+from aiguillage.catalog.catalog import Catalog, ModelEntry
+from aiguillage.dispatch.dispatcher import QueueFull, QueueTimeout, SchedulerUnavailable
+from aiguillage.dispatch.placement import allowed, check_servable, effective_limit, may_take
+from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.scheduler import LocalScheduler, ModelState
+from aiguillage.dispatch.strategies import load_of
+from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
+
+log = logging.getLogger(__name__)
+
+SEP = "\t"
+FORGET_AFTER_S = 30.0  # how long a grant for an unknown or abandoned ticket is remembered
+_SCRIPT = files("aiguillage.dispatch").joinpath("lua/scheduler.lua").read_text()
+_Reply = tuple[str, str, str]
+
+
+class RedisScheduler(LocalScheduler):
+    """A `Dispatcher` whose queues, counts and leases are shared through Redis.
+
+    It keeps the local scheduler's bookkeeping (model states, decisions,
+    `explain`, the stale-lease safety net); its local queues hold only this
+    replica's waiting tickets (for metrics and /admin/dispatch), and the
+    `Backend.in_flight` attributes mirror the global counts after each call.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        url: str,
+        *,
+        site: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_queue_change: Callable[[ModelEntry, ModelQueue], None] | None = None,
+        on_availability: Callable[[bool], None] | None = None,
+        prefix: str = "aiguillage:",
+        replica: str | None = None,
+        lease_ttl_s: float = 8.0,
+        renew_interval_s: float = 2.0,
+        reap_interval_s: float = 1.0,
+    ) -> None:
+        self.replica = replica or uuid.uuid4().hex[:12]
+        self.prefix = prefix
+        self._url = url
+        self._ttl_ms = str(round(lease_ttl_s * 1000))
+        self._on_availability = on_availability
+        self._available = True
+        self._redis = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        self._script = self._redis.register_script(_SCRIPT)
+        self._by_name: dict[str, Backend] = {}
+        self._waiting: dict[str, Ticket] = {}  # ticket id in Redis -> this replica's ticket
+        self._early: dict[str, str] = {}  # grants that arrived before their acquire returned
+        self._abandoned: set[str] = set()  # tickets whose client left: their grants go back
+        self._why: dict[Ticket, tuple[Backend | None, str, int]] = {}
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._starting: asyncio.Future[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._renewal = Periodic("redis-lease-renewal", self._renew, renew_interval_s)
+        self._reaper = Periodic("redis-lease-reaper", self._reap, reap_interval_s)
+        super().__init__(catalog, site=site, clock=clock, on_queue_change=on_queue_change)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register the catalog, listen for grants, renew and reap leases (once; idempotent)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="redis-grants")
+        with contextlib.suppress(SchedulerUnavailable):  # it will come: renewal re-registers
+            await self._register()
+        self._renewal.start()
+        self._reaper.start()
+
+    async def close(self) -> None:
+        await self._renewal.stop()
+        await self._reaper.stop()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self.settled()
+        await self._redis.aclose()
+
+    def catalog_changed(self) -> None:
+        super().catalog_changed()
+        self._by_name = {b.name: b for entry in self.catalog for b in entry.backends}
+        if self._listener is not None:
+            self._spawn(self._register())
+
+    # --- the Dispatcher interface ---------------------------------------------------------
+
+    async def acquire(self, ticket: Ticket) -> Lease:
+        state = self._states[ticket.model.name]
+        check_servable(ticket)
+        await self.start()  # connects on first use
+        if not ticket.enqueued_at:
+            ticket.enqueued_at = self._clock()
+        call = self._spawn(
+            self._call(
+                "acquire",
+                ticket.model.name,
+                str(ticket.priority),
+                ticket.organisation,
+                _key(ticket.key_id),
+                str(ticket.queue_threshold),
+                str(ticket.seq),
+                self._preferences(ticket, state),
+            )
+        )
+        try:
+            status, seq, handle = await asyncio.shield(call)
+        except asyncio.CancelledError:  # the client left: undo whatever the script did
+            call.add_done_callback(self._undo_acquire)
+            self._why.pop(ticket, None)
+            raise
+        ticket.seq = int(seq)
+        if status == "granted":
+            return self._lease(ticket, state, handle)
+        if status == "full":
+            self._why.pop(ticket, None)
+            raise QueueFull(ticket.model.name)
+        return await self._wait(ticket, state, handle)
+
+    def release(self, lease: Lease, ok: bool | None) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        self.leases.discard(lease)
+        lease.backend.in_flight -= 1  # mirrored at once; the script's reply brings the truth
+        if ok is True:
+            lease.backend.circuit.on_success()
+        elif ok is False:
+            lease.backend.circuit.on_failure()
+        self._spawn(self._end(lease.token))
+
+    def backend_changed(self, backend: Backend) -> None:
+        """Recompute this replica's waiting tickets' preferences (health, QoS) and pump."""
+        args = []
+        for ticket_id, ticket in self._waiting.items():
+            if backend in ticket.model.backends:
+                args += [ticket_id, self._preferences(ticket, self._states[ticket.model.name])]
+        if args:
+            self._spawn(self._quietly(self._call("refresh", *args)))
+
+    async def settled(self) -> None:
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    def _pump(self, state: ModelState) -> None:
+        """Redis pumps the global queues, in the scripts that free or add capacity."""
+
+    # --- placement ------------------------------------------------------------------------
+
+    def _preferences(self, ticket: Ticket, state: ModelState) -> str:
+        """The backends this ticket may use, best first, each with its limit for this ticket.
+
+        The strategy picks the first among those with room by this replica's
+        latest view of the counts; the others follow, own first under
+        private-first, then by load, so Redis can fall back when counts moved.
+        """
+        usable = [b for b in ticket.model.backends if allowed(ticket, b)]
+        candidates = [b for b in usable if may_take(ticket, b)]
+        own = [b for b in candidates if b.owner == ticket.organisation]
+        chosen: Backend | None = None
+        reason = "first with room when its turn came"
+        if ticket.routing_mode is RoutingMode.PRIVATE_FIRST and own:
+            chosen, why = state.strategy.choose(ticket, own)
+            reason = f"private first: {why}"
+        elif candidates:
+            chosen, reason = state.strategy.choose(ticket, candidates)
+        self._why[ticket] = (chosen, reason, len(candidates))
+        private_first = ticket.routing_mode is RoutingMode.PRIVATE_FIRST
+        rest = sorted(
+            (b for b in usable if b is not chosen),
+            key=lambda b: (not (private_first and b.owner == ticket.organisation), load_of(b)),
+        )
+        ordered = [chosen, *rest] if chosen is not None else rest
+        return "\n".join(
+            f"{b.name}{SEP}{effective_limit(ticket, b)}{SEP}{int(b.owner == ticket.organisation)}"
+            for b in ordered
+        )
+
+    def _lease(self, ticket: Ticket, state: ModelState, token: str) -> Lease:
+        backend = self._by_name[token.split(SEP)[1]]
+        chosen, reason, candidates = self._why.pop(ticket, (None, "", 0))
+        if backend is not chosen:
+            reason = "first with room when its turn came"
+        lease = self._record_grant(ticket, state, backend, reason, candidates, token=token)
+        return lease
+
+    # --- waiting --------------------------------------------------------------------------
+
+    async def _wait(self, ticket: Ticket, state: ModelState, ticket_id: str) -> Lease:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Lease] = loop.create_future()
+        ticket.future = future
+        self._waiting[ticket_id] = ticket
+        state.queue.push(ticket)
+        self._queue_changed(state)
+        timer = loop.call_later(ticket.model.config.queue_timeout_s, self._time_out, ticket_id)
+        early = self._early.pop(ticket_id, None)
+        if early is not None:
+            self._deliver(ticket_id, early)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(ticket_id, None) is not None:
+                self._abandon(ticket_id)
+            elif future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result(), ok=None)  # granted just as it was cancelled
+            raise
+        finally:
+            timer.cancel()
+            ticket.future = None
+            self._waiting.pop(ticket_id, None)
+            self._why.pop(ticket, None)
+            if state.queue.remove(ticket):
+                self._queue_changed(state)
+
+    def _deliver(self, ticket_id: str, token: str) -> None:
+        """A grant for one of this replica's tickets, from a script reply or the channel."""
+        ticket = self._waiting.pop(ticket_id, None)
+        if ticket is None or ticket.future is None or ticket.future.done():
+            if ticket is not None or ticket_id in self._abandoned:
+                self._spawn(self._end(token))
+            else:  # the acquire that queued it has not returned yet
+                self._early[ticket_id] = token
+                asyncio.get_running_loop().call_later(
+                    FORGET_AFTER_S, self._early.pop, ticket_id, None
+                )
+            return
+        state = self._states[ticket.model.name]
+        if state.queue.remove(ticket):
+            state.queue.served(ticket)
+            self._queue_changed(state)
+        ticket.future.set_result(self._lease(ticket, state, token))
+
+    def _time_out(self, ticket_id: str) -> None:
+        self._spawn(self._settle_ticket(ticket_id, timed_out=True))
+
+    def _abandon(self, ticket_id: str) -> None:
+        self._abandoned.add(ticket_id)
+        asyncio.get_running_loop().call_later(FORGET_AFTER_S, self._abandoned.discard, ticket_id)
+        self._spawn(self._quietly(self._settle_ticket(ticket_id, timed_out=True)))
+
+    async def _settle_ticket(self, ticket_id: str, *, timed_out: bool) -> None:
+        """Ask Redis where a waiting ticket stands; take it out of line if `timed_out`.
+
+        A grant that raced with the timeout is delivered (or given back when
+        the client left), never lost.
+        """
+        try:
+            status, _, token = await self._call("cancel", ticket_id, "1" if timed_out else "0")
+        except SchedulerUnavailable as error:
+            self._fail(ticket_id, error)
+            return
+        if status == "granted":
+            self._deliver(ticket_id, token)
+        elif status == "removed":
+            ticket = self._waiting.get(ticket_id)
+            self._fail(ticket_id, QueueTimeout(ticket.model.name if ticket else ""))
+        elif status == "missing":  # Redis lost it (restarted): answer 503 rather than hang
+            self._fail(ticket_id, SchedulerUnavailable("the shared queue lost this request"))
+
+    def _fail(self, ticket_id: str, error: Exception) -> None:
+        ticket = self._waiting.pop(ticket_id, None)
+        if ticket is not None and ticket.future is not None and not ticket.future.done():
+            ticket.future.set_exception(error)
+
+    def _undo_acquire(self, call: asyncio.Task[_Reply]) -> None:
+        """The client left while its acquire was in Redis: give back what it got."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        status, _, handle = call.result()
+        if status == "granted":
+            self._spawn(self._end(handle))
+        elif status == "queued":
+            token = self._early.pop(handle, None)
+            if token is not None:
+                self._spawn(self._end(token))
+            self._abandon(handle)
+
+    # --- background work ------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Grants for this replica's tickets, published by whichever replica freed a slot."""
+        channel = f"{self.prefix}g:{self.replica}"
+        lost = False
+        while True:
+            listener = aioredis.Redis.from_url(
+                self._url, decode_responses=True, socket_connect_timeout=1.0
+            )
+            pubsub = listener.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                if lost:  # grants may have been published while we were away
+                    for ticket_id in list(self._waiting):
+                        await self._settle_ticket(ticket_id, timed_out=False)
+                    lost = False
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        ticket_id, token = message["data"].split(SEP, 1)
+                        self._deliver(ticket_id, token)
+            except (RedisError, OSError):
+                lost = True
+                self._set_available(False)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py lacks the hint
+                    await listener.aclose()
+
+    async def _renew(self) -> None:
+        """Push back the deadlines of this replica's leases; put back any Redis lost."""
+        tokens = [lease.token for lease in self.leases]
+        try:
+            _, registered, _ = await self._call("renew", *tokens)
+            if registered != "1":
+                await self._register()
+        except SchedulerUnavailable:
+            pass  # logged and counted by _call; the next round retries
+
+    async def _reap(self) -> None:
+        with contextlib.suppress(SchedulerUnavailable):
+            await self._call("reap")
+
+    async def _register(self) -> None:
+        """Tell Redis which backends each model has, with their caps (for the pump)."""
+        args: list[str] = []
+        for entry in self.catalog:
+            args += [entry.name, str(len(entry.backends))]
+            for backend in entry.backends:
+                args += [backend.name, str(backend.max_concurrency)]
+        await self._call("register", *args)
+
+    async def _end(self, token: str) -> None:
+        with contextlib.suppress(SchedulerUnavailable):  # unrenewed, the reaper frees it
+            await self._call("release", token)
+
+    # --- Redis calls ----------------------------------------------------------------------
+
+    async def _call(self, op: str, *args: str) -> _Reply:
+        """Run one operation of the script; mirror the counts, deliver this replica's grants."""
+        try:
+            reply = await self._script(
+                keys=[], args=[op, self.prefix, self.replica, self._ttl_ms, *args]
+            )
+        except (RedisError, OSError) as error:
+            self._set_available(False)
+            log.warning("shared scheduler unreachable during %s: %s", op, type(error).__name__)
+            raise SchedulerUnavailable(str(error)) from None
+        self._set_available(True)
+        status, a, b, counts, grants = reply
+        for i in range(0, len(counts), 2):
+            backend = self._by_name.get(counts[i])
+            if backend is not None:
+                backend.in_flight = int(counts[i + 1])
+        for i in range(0, len(grants), 2):
+            self._deliver(str(grants[i]), grants[i + 1])
+        return str(status), str(a), str(b)
+
+    def _set_available(self, available: bool) -> None:
+        if available != self._available:
+            self._available = available
+            if available:
+                log.warning("shared scheduler reachable again")
+            if self._on_availability is not None:
+                self._on_availability(available)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    @staticmethod
+    async def _quietly(work: Awaitable[Any]) -> None:
+        with contextlib.suppress(SchedulerUnavailable):
+            await work
+
+
+def _key(key_id: int | None) -> str:
+    return "-" if key_id is None else str(key_id)
