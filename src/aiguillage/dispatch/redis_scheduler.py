@@ -48,6 +48,7 @@ from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
 log = logging.getLogger(__name__)
 
 SEP = "\t"
+MAX_CONNECTIONS = 32  # per replica; Redis runs one script at a time anyway
 FORGET_AFTER_S = 30.0  # how long a grant for an unknown or abandoned ticket is remembered
 _SCRIPT = files("aiguillage.dispatch").joinpath("lua/scheduler.lua").read_text()
 _Reply = tuple[str, str, str]
@@ -83,8 +84,17 @@ class RedisScheduler(LocalScheduler):
         self._ttl_ms = str(round(lease_ttl_s * 1000))
         self._on_availability = on_availability
         self._available = True
-        self._redis = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0
+        self._version = 0  # of the latest reply whose counts were mirrored
+        # a bounded pool: a burst waits up to a second for a connection rather than failing
+        self._redis = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=1.0,
+                decode_responses=True,
+                socket_timeout=1.0,
+                socket_connect_timeout=1.0,
+            )
         )
         self._script = self._redis.register_script(_SCRIPT)
         self._by_name: dict[str, Backend] = {}
@@ -186,10 +196,15 @@ class RedisScheduler(LocalScheduler):
             self._spawn(self._quietly(self._call("refresh", *args)))
 
     async def settled(self) -> None:
-        while self._pending:
-            await asyncio.wait(list(self._pending))
-        for _ in range(3):
+        """Let started tasks reach Redis, wait for every call, until nothing new starts."""
+        quiet_turns = 0
+        while quiet_turns < 5:
             await asyncio.sleep(0)
+            if self._pending:
+                await asyncio.wait(list(self._pending))
+                quiet_turns = 0
+            else:
+                quiet_turns += 1
 
     def _pump(self, state: ModelState) -> None:
         """Redis pumps the global queues, in the scripts that free or add capacity."""
@@ -395,11 +410,13 @@ class RedisScheduler(LocalScheduler):
             log.warning("shared scheduler unreachable during %s: %s", op, type(error).__name__)
             raise SchedulerUnavailable(str(error)) from None
         self._set_available(True)
-        status, a, b, counts, grants = reply
-        for i in range(0, len(counts), 2):
-            backend = self._by_name.get(counts[i])
-            if backend is not None:
-                backend.in_flight = int(counts[i + 1])
+        status, a, b, counts, grants, version = reply
+        if version > self._version:  # a reply overtaken by a later one has older counts
+            self._version = version
+            for i in range(0, len(counts), 2):
+                backend = self._by_name.get(counts[i])
+                if backend is not None:
+                    backend.in_flight = int(counts[i + 1])
         for i in range(0, len(grants), 2):
             self._deliver(str(grants[i]), grants[i + 1])
         return str(status), str(a), str(b)
@@ -407,6 +424,7 @@ class RedisScheduler(LocalScheduler):
     def _set_available(self, available: bool) -> None:
         if available != self._available:
             self._available = available
+            self._version = 0  # a restarted Redis counts versions from zero again
             if available:
                 log.warning("shared scheduler reachable again")
             if self._on_availability is not None:

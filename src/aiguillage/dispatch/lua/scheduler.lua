@@ -1,6 +1,6 @@
 -- The shared scheduler's state changes, each one atomic (docs/dispatch.md, "Redis engine").
 -- ARGV[1] operation, ARGV[2] key prefix, ARGV[3] calling replica, ARGV[4] lease TTL (ms).
--- Every reply is {status, a, b, in-flight counts (flat), grants for the caller (flat)}.
+-- Every reply is {status, a, b, in-flight counts (flat), grants for the caller (flat), version}.
 local op, P, replica, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local SEP = '\t'
 local SNAPSHOT = 2000 -- tickets looked at per pump
@@ -184,8 +184,9 @@ local function end_lease(member)
   return nil
 end
 
-local function reply(status, a, b)
-  return {status, a or '', b or '', redis.call('HGETALL', P .. 'in'), grants}
+local function reply(status, a, b) -- the version orders replies that arrive out of order
+  local version = redis.call('INCR', P .. 'v')
+  return {status, a or '', b or '', redis.call('HGETALL', P .. 'in'), grants, version}
 end
 
 if op == 'acquire' then

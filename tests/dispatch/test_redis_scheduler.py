@@ -1,0 +1,237 @@
+"""The Redis engine where it differs from one process: several replicas, lease expiry, outages.
+
+Replicas are several `RedisScheduler`s in one test process, each with its own
+connections and grant channel, exactly as separate gateway processes would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from aiguillage.catalog.catalog import Catalog, ModelEntry
+from aiguillage.catalog.config import parse_config
+from aiguillage.dispatch.dispatcher import QueueTimeout, SchedulerUnavailable
+from aiguillage.dispatch.redis_scheduler import RedisScheduler
+from aiguillage.dispatch.tickets import Lease, Ticket
+from tests.dispatch.engines import SHARED_REDIS, delete_prefix, redis_reachable, unique_prefix
+
+pytestmark = pytest.mark.skipif(
+    not redis_reachable(), reason="no Redis on 127.0.0.1:6379 for the Redis engine"
+)
+
+
+def catalog(max_concurrency: int, queue_timeout_s: float = 30) -> Catalog:
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "queue_timeout_s": queue_timeout_s,
+                    "servers": [
+                        {"url": "http://a.example:8000", "max_concurrency": max_concurrency}
+                    ],
+                }
+            ]
+        }
+    )
+    return Catalog.from_config(config)
+
+
+def ticket(entry: ModelEntry, priority: int = 0, org: str = "org") -> Ticket:
+    return Ticket(model=entry, organisation=org, priority=priority)
+
+
+def model(scheduler: RedisScheduler) -> ModelEntry:
+    entry = scheduler.catalog.resolve("m")
+    assert entry is not None
+    return entry
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[RedisScheduler]]:
+    """Three replicas on the shared Redis, under one key prefix of their own."""
+    prefix = unique_prefix()
+    made = [
+        RedisScheduler(
+            catalog(2),
+            SHARED_REDIS,
+            prefix=prefix,
+            lease_ttl_s=1.5,
+            renew_interval_s=0.3,
+            reap_interval_s=0.2,
+        )
+        for _ in range(3)
+    ]
+    for replica in made:
+        await replica.start()
+    yield made
+    for replica in made:
+        await replica.close()
+    await delete_prefix(SHARED_REDIS, prefix)
+
+
+async def eventually(condition: Any, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_high_priority_request_at_one_replica_overtakes_low_ones_at_another(
+    replicas: list[RedisScheduler],
+) -> None:
+    a, b, c = replicas
+    held = [await a.acquire(ticket(model(a))) for _ in range(2)]
+    lows = [asyncio.ensure_future(a.acquire(ticket(model(a), priority=0))) for _ in range(3)]
+    await a.settled()
+    high = asyncio.ensure_future(b.acquire(ticket(model(b), priority=10)))
+    await b.settled()
+    assert not high.done() and not any(low.done() for low in lows)
+    a.release(held[0], ok=True)  # freed at replica a: the grant goes to b's waiter
+    await eventually(high.done)
+    assert not any(low.done() for low in lows)
+    c_ticket = asyncio.ensure_future(c.acquire(ticket(model(c), priority=5)))
+    await c.settled()
+    a.release(held[1], ok=True)
+    await eventually(c_ticket.done)
+    assert not any(low.done() for low in lows)
+    b.release(high.result(), ok=True)
+    c.release(c_ticket.result(), ok=True)
+    for low in lows:  # then the low ones, in their order of arrival
+        await eventually(low.done)
+        a.release(low.result(), ok=True)
+
+
+async def test_the_cap_holds_across_replicas_under_concurrent_acquires(
+    replicas: list[RedisScheduler],
+) -> None:
+    holding = 0
+    most = 0
+
+    async def one(replica: RedisScheduler, i: int) -> None:
+        nonlocal holding, most
+        lease = await replica.acquire(ticket(model(replica), priority=i % 3, org=f"o{i % 4}"))
+        holding += 1
+        most = max(most, holding)
+        await asyncio.sleep(0.001)
+        holding -= 1
+        replica.release(lease, ok=True)
+
+    await asyncio.gather(*(one(replicas[i % 3], i) for i in range(300)))
+    assert most == 2  # the cap of 2 was used, never exceeded
+    for replica in replicas:
+        await replica.settled()
+    assert replicas[0].in_flight(model(replicas[0]).backends[0]) == 0
+
+
+async def test_a_dead_replicas_leases_go_to_the_waiters_of_another(
+    replicas: list[RedisScheduler],
+) -> None:
+    dead, alive, _ = replicas
+    for _ in range(2):
+        await dead.acquire(ticket(model(dead)))  # and never released
+    await dead.close()  # stops renewing, like a killed process
+    started = time.monotonic()
+    waiter = asyncio.ensure_future(alive.acquire(ticket(model(alive))))
+    await eventually(waiter.done, within_s=10)
+    assert time.monotonic() - started < 10
+    alive.release(waiter.result(), ok=True)
+
+
+async def test_a_queued_ticket_times_out_and_leaves_the_global_queue() -> None:
+    prefix = unique_prefix()
+    a, b = (
+        RedisScheduler(catalog(2, queue_timeout_s=0.2), SHARED_REDIS, prefix=prefix)
+        for _ in range(2)
+    )
+    try:
+        held = [await a.acquire(ticket(model(a))) for _ in range(2)]
+        with pytest.raises(QueueTimeout):
+            await b.acquire(ticket(model(b)))
+        assert b.explain()["models"]["m"]["waiting"] == 0
+        for lease in held:
+            a.release(lease, ok=True)
+        await a.settled()
+        assert a.in_flight(model(a).backends[0]) == 0  # nobody was granted the freed slots
+        lease = await b.acquire(ticket(model(b)))  # the global queue is empty: at once
+        b.release(lease, ok=True)
+    finally:
+        await a.close()
+        await b.close()
+        await delete_prefix(SHARED_REDIS, prefix)
+
+
+# --- Redis itself going away ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of this test's own (no persistence), stopped at the end."""
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_reachable(port=port):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_redis_restart_answers_unavailable_fast_then_recovers_with_caps_intact() -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    states: list[bool] = []
+    options: dict[str, Any] = {"lease_ttl_s": 1.5, "renew_interval_s": 0.3, "reap_interval_s": 0.2}
+    with own_redis(port) as server:
+        a = RedisScheduler(catalog(1), url, on_availability=states.append, **options)
+        b = RedisScheduler(catalog(1), url, **options)
+        try:
+            held: Lease = await a.acquire(ticket(model(a)))
+            server.kill()
+            server.wait()
+            started = time.monotonic()
+            with pytest.raises(SchedulerUnavailable):
+                await a.acquire(ticket(model(a)))
+            assert time.monotonic() - started < 3  # fast, not a hang
+            assert states == [False]
+            with own_redis(port):  # back, empty: it lost every key
+                await eventually(lambda: states == [False, True])
+                counts = redis.Redis(port=port, decode_responses=True)
+                await eventually(  # a's renewal put its live lease back into the empty Redis
+                    lambda: counts.hget(f"{a.prefix}in", held.backend.name) == "1"
+                )
+                counts.close()
+                waiter = asyncio.ensure_future(b.acquire(ticket(model(b))))
+                await asyncio.sleep(0.5)
+                assert not waiter.done()  # the cap of 1 still counts a's request
+                a.release(held, ok=True)
+                await eventually(waiter.done)
+                b.release(waiter.result(), ok=True)
+        finally:
+            await a.close()
+            await b.close()
