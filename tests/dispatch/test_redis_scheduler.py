@@ -7,11 +7,8 @@ connections and grant channel, exactly as separate gateway processes would be.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,7 +19,14 @@ from aiguillage.catalog.config import parse_config
 from aiguillage.dispatch.dispatcher import QueueTimeout, SchedulerUnavailable
 from aiguillage.dispatch.redis_scheduler import RedisScheduler
 from aiguillage.dispatch.tickets import Lease, Ticket
-from tests.dispatch.engines import SHARED_REDIS, delete_prefix, redis_reachable, unique_prefix
+from tests.dispatch.engines import (
+    SHARED_REDIS,
+    delete_prefix,
+    free_port,
+    own_redis,
+    redis_reachable,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.skipif(
     not redis_reachable(), reason="no Redis on 127.0.0.1:6379 for the Redis engine"
@@ -173,36 +177,7 @@ async def test_a_queued_ticket_times_out_and_leaves_the_global_queue() -> None:
 # --- Redis itself going away ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A redis-server of this test's own (no persistence), stopped at the end."""
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not redis_reachable(port=port):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield process
-    finally:
-        process.kill()
-        process.wait()
-
-
 async def test_redis_restart_answers_unavailable_fast_then_recovers_with_caps_intact() -> None:
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     states: list[bool] = []
@@ -212,6 +187,8 @@ async def test_redis_restart_answers_unavailable_fast_then_recovers_with_caps_in
         b = RedisScheduler(catalog(1), url, **options)
         try:
             held: Lease = await a.acquire(ticket(model(a)))
+            queued = asyncio.ensure_future(a.acquire(ticket(model(a))))
+            await a.settled()
             server.kill()
             server.wait()
             started = time.monotonic()
@@ -219,6 +196,8 @@ async def test_redis_restart_answers_unavailable_fast_then_recovers_with_caps_in
                 await a.acquire(ticket(model(a)))
             assert time.monotonic() - started < 3  # fast, not a hang
             assert states == [False]
+            with pytest.raises(SchedulerUnavailable):
+                await asyncio.wait_for(queued, 3)  # a waiting request is not left hanging
             with own_redis(port):  # back, empty: it lost every key
                 await eventually(lambda: states == [False, True])
                 counts = redis.Redis(port=port, decode_responses=True)

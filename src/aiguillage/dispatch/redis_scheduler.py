@@ -364,6 +364,9 @@ class RedisScheduler(LocalScheduler):
             except (RedisError, OSError):
                 lost = True
                 self._set_available(False)
+                for ticket_id in list(self._waiting):  # 503 now rather than at their timeout
+                    self._fail(ticket_id, SchedulerUnavailable("lost the shared scheduler"))
+                    self._abandon(ticket_id)
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
