@@ -166,6 +166,9 @@ class RedisScheduler(LocalScheduler):
             call.add_done_callback(self._undo_acquire)
             self._why.pop(ticket, None)
             raise
+        except SchedulerUnavailable:
+            self._why.pop(ticket, None)
+            raise
         ticket.seq = int(seq)
         if status == "granted":
             return self._lease(ticket, state, handle)
