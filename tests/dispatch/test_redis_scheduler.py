@@ -214,3 +214,15 @@ async def test_redis_restart_answers_unavailable_fast_then_recovers_with_caps_in
         finally:
             await a.close()
             await b.close()
+
+
+async def test_a_circuit_opened_by_one_replica_is_open_at_the_others(
+    replicas: list[RedisScheduler],
+) -> None:
+    a, b, _ = replicas
+    for _ in range(3):  # the default circuit_failures
+        lease = await a.acquire(ticket(model(a)))
+        a.release(lease, ok=False)
+    await a.settled()
+    assert not model(a).backends[0].usable()
+    await eventually(lambda: not model(b).backends[0].usable(), within_s=5)  # within a reap

@@ -15,6 +15,9 @@ Leases carry a deadline that their replica renews every `renew_interval_s`;
 every replica reaps expired leases every `reap_interval_s`, so the capacity of
 a replica that died comes back within `lease_ttl_s` plus one reap.
 
+A circuit a replica opens is recorded in Redis with its end; every reply carries
+the open ones, so the other replicas stop sending there too (within one reap).
+
 When Redis cannot be reached, `acquire` raises `SchedulerUnavailable` at once
 (the relay answers 503 with Retry-After) and the client reconnects by itself;
 after a restart that lost the data, renewal puts this replica's live leases
@@ -36,6 +39,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.circuit import CircuitState
 from aiguillage.backends.periodic import Periodic
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.dispatch.dispatcher import QueueFull, QueueTimeout, SchedulerUnavailable
@@ -182,12 +186,17 @@ class RedisScheduler(LocalScheduler):
             return
         lease.released = True
         self.leases.discard(lease)
-        lease.backend.in_flight -= 1  # mirrored at once; the script's reply brings the truth
+        backend = lease.backend
+        backend.in_flight -= 1  # mirrored at once; the script's reply brings the truth
+        opened_ms = 0
         if ok is True:
-            lease.backend.circuit.on_success()
+            backend.circuit.on_success()
         elif ok is False:
-            lease.backend.circuit.on_failure()
-        self._spawn(self._end(lease.token))
+            was_open = backend.circuit.state is CircuitState.OPEN
+            backend.circuit.on_failure()
+            if not was_open and backend.circuit.state is CircuitState.OPEN:  # share it
+                opened_ms = round(backend.circuit.open_s * 1000)
+        self._spawn(self._end(lease.token, opened_ms))
 
     def backend_changed(self, backend: Backend) -> None:
         """Recompute this replica's waiting tickets' preferences (health, QoS) and pump."""
@@ -399,9 +408,9 @@ class RedisScheduler(LocalScheduler):
                 args += [backend.name, str(backend.max_concurrency)]
         await self._call("register", *args)
 
-    async def _end(self, token: str) -> None:
+    async def _end(self, token: str, circuit_opened_ms: int = 0) -> None:
         with contextlib.suppress(SchedulerUnavailable):  # unrenewed, the reaper frees it
-            await self._call("release", token)
+            await self._call("release", token, str(circuit_opened_ms))
 
     # --- Redis calls ----------------------------------------------------------------------
 
@@ -416,13 +425,17 @@ class RedisScheduler(LocalScheduler):
             log.warning("shared scheduler unreachable during %s: %s", op, type(error).__name__)
             raise SchedulerUnavailable(str(error)) from None
         self._set_available(True)
-        status, a, b, counts, grants, version = reply
+        status, a, b, counts, grants, version, circuits = reply
         if version > self._version:  # a reply overtaken by a later one has older counts
             self._version = version
             for i in range(0, len(counts), 2):
                 backend = self._by_name.get(counts[i])
                 if backend is not None:
                     backend.in_flight = int(counts[i + 1])
+        for i in range(0, len(circuits), 2):  # opened by another replica: open here too
+            backend = self._by_name.get(circuits[i])
+            if backend is not None:
+                backend.circuit.open_for(int(circuits[i + 1]) / 1000)
         for i in range(0, len(grants), 2):
             self._deliver(str(grants[i]), grants[i + 1])
         return str(status), str(a), str(b)

@@ -1,6 +1,7 @@
 -- The shared scheduler's state changes, each one atomic (docs/dispatch.md, "Redis engine").
 -- ARGV[1] operation, ARGV[2] key prefix, ARGV[3] calling replica, ARGV[4] lease TTL (ms).
--- Every reply is {status, a, b, in-flight counts (flat), grants for the caller (flat), version}.
+-- Every reply is {status, a, b, in-flight counts (flat), grants for the caller (flat), version,
+-- open circuits (flat: backend, ms left)}.
 local op, P, replica, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local SEP = '\t'
 local SNAPSHOT = 2000 -- tickets looked at per pump
@@ -186,7 +187,18 @@ end
 
 local function reply(status, a, b) -- the version orders replies that arrive out of order
   local version = redis.call('INCR', P .. 'v')
-  return {status, a or '', b or '', redis.call('HGETALL', P .. 'in'), grants, version}
+  local circuits, now = {}, now_ms() -- circuits opened by some replica: milliseconds left
+  local open = redis.call('HGETALL', P .. 'circ')
+  for i = 1, #open, 2 do
+    local left = tonumber(open[i + 1]) - now
+    if left > 0 then
+      circuits[#circuits + 1] = open[i]
+      circuits[#circuits + 1] = left
+    else
+      redis.call('HDEL', P .. 'circ', open[i])
+    end
+  end
+  return {status, a or '', b or '', redis.call('HGETALL', P .. 'in'), grants, version, circuits}
 end
 
 if op == 'acquire' then
@@ -208,8 +220,12 @@ if op == 'acquire' then
   push(id, model, priority, org, seq)
   pump(model)
   return reply('queued', seq, id)
-elseif op == 'release' then -- ARGV[5] lease
+elseif op == 'release' then -- ARGV[5] lease, ARGV[6] how long its backend's circuit opened (ms)
   local backend = end_lease(ARGV[5])
+  local opened = tonumber(ARGV[6] or '0')
+  if opened > 0 then
+    redis.call('HSET', P .. 'circ', split(ARGV[5], SEP)[2], now_ms() + opened)
+  end
   if backend then pump_backend(backend) end
   return reply('released')
 elseif op == 'cancel' then -- ARGV[5] ticket id, ARGV[6] '1' to take it out of the queue
