@@ -15,6 +15,15 @@ from tests.harness import RunningGateway
 CHAT = [{"role": "user", "content": "Hello"}]
 
 
+def until_served(client: httpx.Client, body: dict[str, object]) -> None:
+    """Post until answered 200; in between, only fast 503s from the scheduler."""
+    deadline = time.monotonic() + 10
+    while (response := client.post("/v1/chat/completions", json=body)).status_code != 200:
+        assert response.json()["error"]["code"] == "scheduler_unavailable"
+        assert time.monotonic() < deadline, "the gateway did not recover"
+        time.sleep(0.2)
+
+
 def test_redis_outage_is_a_fast_503_then_the_gateway_recovers(
     fake_engine: FakeEngine, tmp_path: Path
 ) -> None:
@@ -31,7 +40,7 @@ def test_redis_outage_is_a_fast_503_then_the_gateway_recovers(
             headers = {"authorization": f"Bearer {key}"}
             body = {"model": "m", "messages": CHAT}
             with httpx.Client(base_url=gateway.url, headers=headers, timeout=10) as client:
-                assert client.post("/v1/chat/completions", json=body).status_code == 200
+                until_served(client, body)  # a Redis just started: a short recovery window
                 server.kill()
                 server.wait()
                 started = time.monotonic()
@@ -42,10 +51,7 @@ def test_redis_outage_is_a_fast_503_then_the_gateway_recovers(
                 assert refused.headers["retry-after"] == "1"
                 assert "aiguillage_scheduler_unavailable 1.0" in client.get("/metrics").text
                 with own_redis(port):  # back, empty
-                    deadline = time.monotonic() + 10
-                    while client.post("/v1/chat/completions", json=body).status_code != 200:
-                        assert time.monotonic() < deadline, "the gateway did not recover"
-                        time.sleep(0.2)
+                    until_served(client, body)
                     assert "aiguillage_scheduler_unavailable 0.0" in client.get("/metrics").text
         finally:
             gateway.stop()

@@ -20,8 +20,9 @@ the open ones, so the other replicas stop sending there too (within one reap).
 
 When Redis cannot be reached, `acquire` raises `SchedulerUnavailable` at once
 (the relay answers 503 with Retry-After) and the client reconnects by itself;
-after a restart that lost the data, renewal puts this replica's live leases
-back and re-registers the catalog, and tickets Redis forgot fail with 503.
+after a restart that lost the data, Redis places nothing for a short recovery
+window (503 meanwhile) while every replica's renewal puts its live leases back,
+so caps still count requests in progress; tickets Redis forgot fail with 503.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class RedisScheduler(LocalScheduler):
         self.prefix = prefix
         self._url = url
         self._ttl_ms = str(round(lease_ttl_s * 1000))
+        self._recovery_ms = round((renew_interval_s * 1.5 + 0.5) * 1000)
         self._on_availability = on_availability
         self._available = True
         self._version = 0  # of the latest reply whose counts were mirrored
@@ -118,15 +120,24 @@ class RedisScheduler(LocalScheduler):
     async def start(self) -> None:
         """Register the catalog, listen for grants, renew and reap leases (once; idempotent)."""
         if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start())
+            self._starting = self._spawn(self._start())
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="redis-grants")
         with contextlib.suppress(SchedulerUnavailable):  # it will come: renewal re-registers
-            await self._register()
+            await self._register(recovering=await self._redis_just_restarted())
         self._renewal.start()
         self._reaper.start()
+
+    async def _redis_just_restarted(self) -> bool:
+        """Whether Redis started less than a lease TTL ago: other replicas' leases may
+        not be back yet, so a replica starting then registers with a recovery window."""
+        try:
+            info = await self._redis.info("server")
+        except (RedisError, OSError):
+            return False
+        return int(info.get("uptime_in_seconds", 0)) * 1000 < int(self._ttl_ms)
 
     async def close(self) -> None:
         await self._renewal.stop()
@@ -173,12 +184,17 @@ class RedisScheduler(LocalScheduler):
         except SchedulerUnavailable:
             self._why.pop(ticket, None)
             raise
-        ticket.seq = int(seq)
+        if seq:
+            ticket.seq = int(seq)
         if status == "granted":
             return self._lease(ticket, state, handle)
-        if status == "full":
+        if status in ("full", "unregistered", "recovering"):
             self._why.pop(ticket, None)
-            raise QueueFull(ticket.model.name)
+            if status == "full":
+                raise QueueFull(ticket.model.name)
+            if status == "unregistered":  # Redis came back empty: start its recovery
+                self._spawn(self._quietly(self._register(recovering=True)))
+            raise SchedulerUnavailable("the shared scheduler is recovering its leases")
         return await self._wait(ticket, state, handle)
 
     def release(self, lease: Lease, ok: bool | None) -> None:
@@ -390,8 +406,8 @@ class RedisScheduler(LocalScheduler):
         tokens = [lease.token for lease in self.leases]
         try:
             _, registered, _ = await self._call("renew", *tokens)
-            if registered != "1":
-                await self._register()
+            if registered != "1":  # Redis lost its data (restarted)
+                await self._register(recovering=True)
         except SchedulerUnavailable:
             pass  # logged and counted by _call; the next round retries
 
@@ -399,9 +415,13 @@ class RedisScheduler(LocalScheduler):
         with contextlib.suppress(SchedulerUnavailable):
             await self._call("reap")
 
-    async def _register(self) -> None:
-        """Tell Redis which backends each model has, with their caps (for the pump)."""
-        args: list[str] = []
+    async def _register(self, recovering: bool = False) -> None:
+        """Tell Redis which backends each model has, with their caps (for the pump).
+
+        `recovering`: Redis lost its data; it places nothing for the recovery window,
+        while every replica's renewal puts its live leases back.
+        """
+        args = [str(self._recovery_ms if recovering else 0)]
         for entry in self.catalog:
             args += [entry.name, str(len(entry.backends))]
             for backend in entry.backends:

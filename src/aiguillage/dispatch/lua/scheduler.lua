@@ -203,6 +203,8 @@ end
 
 if op == 'acquire' then
   -- ARGV: 5 model, 6 priority, 7 org, 8 key, 9 threshold, 10 seq (0: new), 11 prefs
+  if redis.call('EXISTS', P .. 'reg') == 0 then return reply('unregistered') end -- lost its data
+  if redis.call('EXISTS', P .. 'recovering') == 1 then return reply('recovering') end
   local model, priority, org, key = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
   local seq = tonumber(ARGV[10])
   if seq == 0 then seq = redis.call('INCR', P .. 'seq') end
@@ -267,8 +269,14 @@ elseif op == 'reap' then -- leases whose replica stopped renewing them
   end
   for backend in pairs(touched) do pump_backend(backend) end
   return reply('reaped', #expired)
-elseif op == 'register' then -- ARGV[5..]: model, count, then count pairs (backend, max_concurrency)
-  local i = 5
+elseif op == 'register' then
+  -- ARGV[5] recovery window (ms, 0: none), then model, count, count pairs (backend, max_concurrency).
+  -- After a restart that lost the data, nothing is placed until every replica's renewal had
+  -- time to put its live leases back: caps keep counting requests already in progress.
+  if tonumber(ARGV[5]) > 0 and redis.call('EXISTS', P .. 'reg') == 0 then
+    redis.call('SET', P .. 'recovering', 1, 'PX', ARGV[5])
+  end
+  local i = 6
   while i <= #ARGV do
     local model, count = ARGV[i], tonumber(ARGV[i + 1])
     redis.call('DEL', P .. 'mb:' .. model)
