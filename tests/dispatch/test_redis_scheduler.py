@@ -212,7 +212,7 @@ async def test_redis_restart_answers_unavailable_fast_then_recovers_with_caps_in
             with pytest.raises(SchedulerUnavailable):
                 await asyncio.wait_for(queued, 3)  # a waiting request is not left hanging
             with own_redis(port):  # back, empty: it lost every key
-                await eventually(lambda: states == [False, True])
+                await eventually(lambda: states[-1] is True)  # reconnected by itself
                 counts = redis.Redis(port=port, decode_responses=True)
                 await eventually(  # a's renewal put its live lease back into the empty Redis
                     lambda: counts.hget(f"{a.prefix}in", held.backend.name) == "1"
