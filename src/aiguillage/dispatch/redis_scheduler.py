@@ -37,6 +37,8 @@ from importlib.resources import files
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from aiguillage.backends.backend import Backend
@@ -102,6 +104,9 @@ class RedisScheduler(LocalScheduler):
                 socket_connect_timeout=1.0,
             )
         )
+        # one immediate retry (a pooled connection that died with a restart), no backoff:
+        # an outage must answer fast, not after redis-py's default exponential retries
+        self._redis.set_retry(Retry(NoBackoff(), 1))
         self._script = self._redis.register_script(_SCRIPT)
         self._by_name: dict[str, Backend] = {}
         self._waiting: dict[str, Ticket] = {}  # ticket id in Redis -> this replica's ticket
