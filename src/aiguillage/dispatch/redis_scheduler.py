@@ -45,7 +45,12 @@ from aiguillage.backends.backend import Backend
 from aiguillage.backends.circuit import CircuitState
 from aiguillage.backends.periodic import Periodic
 from aiguillage.catalog.catalog import Catalog, ModelEntry
-from aiguillage.dispatch.dispatcher import QueueFull, QueueTimeout, SchedulerUnavailable
+from aiguillage.dispatch.dispatcher import (
+    NoBackendAvailable,
+    QueueFull,
+    QueueTimeout,
+    SchedulerUnavailable,
+)
 from aiguillage.dispatch.placement import allowed, check_servable, effective_limit, may_take
 from aiguillage.dispatch.queue import ModelQueue
 from aiguillage.dispatch.scheduler import LocalScheduler, ModelState
@@ -301,6 +306,9 @@ class RedisScheduler(LocalScheduler):
                 self._abandon(ticket_id)
             elif future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result(), ok=None)  # granted just as it was cancelled
+            raise
+        except NoBackendAvailable:  # its model left the catalog: leave the shared queue too
+            self._abandon(ticket_id)
             raise
         finally:
             timer.cancel()
