@@ -436,7 +436,8 @@ class RedisScheduler(LocalScheduler):
         """
         args = [str(self._recovery_ms if recovering else 0)]
         for entry in self.catalog:
-            args += [entry.name, str(len(entry.backends))]
+            owned = any(backend.owner for backend in entry.backends)
+            args += [entry.name, str(int(owned)), str(len(entry.backends))]
             for backend in entry.backends:
                 args += [backend.name, str(backend.max_concurrency)]
         await self._call("register", *args)

@@ -147,27 +147,34 @@ local function pump(model)
     return false
   end
   if not has_room() then return end
-  local tickets = {}
-  for _, id in ipairs(in_order(model)) do
-    local f = redis.call('HMGET', P .. 't:' .. id, 'p', 'o', 'r', 'k', 'prefs', 'g')
-    if f[1] and not f[6] then
-      tickets[#tickets + 1] = {id = id, priority = f[1], org = f[2], replica = f[3], key = f[4], prefs = prefs_of(f[5])}
+  local ids, loaded = in_order(model), {}
+  local function load(id) -- tickets are read only as far as the pump gets
+    if loaded[id] == nil then
+      local f = redis.call('HMGET', P .. 't:' .. id, 'p', 'o', 'r', 'k', 'prefs', 'g')
+      loaded[id] = (f[1] and not f[6])
+        and {id = id, priority = f[1], org = f[2], replica = f[3], key = f[4], prefs = prefs_of(f[5])}
+        or false
     end
+    return loaded[id]
   end
   local granted = {}
-  for _, t in ipairs(tickets) do -- coupe-file: an organisation goes first on what it hosts
-    if not has_room() then return end
-    local backend = first_with_room(t.prefs, true)
-    if backend then
-      hand_over(t.id, t, backend, model)
-      granted[t.id] = true
+  if redis.call('SISMEMBER', P .. 'owned', model) == 1 then
+    for _, id in ipairs(ids) do -- coupe-file: an organisation goes first on what it hosts
+      if not has_room() then return end
+      local t = load(id)
+      local backend = t and first_with_room(t.prefs, true)
+      if backend then
+        hand_over(id, t, backend, model)
+        granted[id] = true
+      end
     end
   end
-  for _, t in ipairs(tickets) do
-    if not granted[t.id] then
+  for _, id in ipairs(ids) do
+    if not granted[id] then
       if not has_room() then return end
-      local backend = first_with_room(t.prefs, false)
-      if backend then hand_over(t.id, t, backend, model) end
+      local t = load(id)
+      local backend = t and first_with_room(t.prefs, false)
+      if backend then hand_over(id, t, backend, model) end
     end
   end
 end
@@ -270,7 +277,8 @@ elseif op == 'reap' then -- leases whose replica stopped renewing them
   for backend in pairs(touched) do pump_backend(backend) end
   return reply('reaped', #expired)
 elseif op == 'register' then
-  -- ARGV[5] recovery window (ms, 0: none), then model, count, count pairs (backend, max_concurrency).
+  -- ARGV[5] recovery window (ms, 0: none), then model, whether an organisation hosts one of
+  -- its backends (1/0, for the owners' pass), count, count pairs (backend, max_concurrency).
   -- After a restart that lost the data, nothing is placed until every replica's renewal had
   -- time to put its live leases back: caps keep counting requests already in progress.
   if tonumber(ARGV[5]) > 0 and redis.call('EXISTS', P .. 'reg') == 0 then
@@ -278,14 +286,15 @@ elseif op == 'register' then
   end
   local i = 6
   while i <= #ARGV do
-    local model, count = ARGV[i], tonumber(ARGV[i + 1])
+    local model, owned, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    redis.call(owned == '1' and 'SADD' or 'SREM', P .. 'owned', model)
     redis.call('DEL', P .. 'mb:' .. model)
     for j = 0, count - 1 do
-      local backend = ARGV[i + 2 + 2 * j]
-      redis.call('HSET', P .. 'mb:' .. model, backend, ARGV[i + 3 + 2 * j])
+      local backend = ARGV[i + 3 + 2 * j]
+      redis.call('HSET', P .. 'mb:' .. model, backend, ARGV[i + 4 + 2 * j])
       redis.call('SADD', P .. 'bm:' .. backend, model)
     end
-    i = i + 2 + 2 * count
+    i = i + 3 + 2 * count
   end
   redis.call('SET', P .. 'reg', 1)
   return reply('registered')
