@@ -19,12 +19,6 @@ from tests.dispatch.engines import (
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "local_only(reason): relies on a detail of the in-process engine"
-    )
-
-
 @pytest.fixture(params=["local", "redis"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     if request.param == "local":
@@ -39,9 +33,6 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
 
         yield local
         return
-    marker = request.node.get_closest_marker("local_only")
-    if marker is not None:
-        pytest.skip(f"in-process engine only: {marker.args[0]}")
     if not redis_reachable():
         pytest.skip("no Redis on 127.0.0.1:6379 for the Redis engine")
     prefix = unique_prefix()

@@ -1,8 +1,7 @@
 """The dispatcher, without HTTP: queues, leases, strategies, QoS, owners, circuits.
 
 One conformance suite: every test runs against the in-process engine and the
-Redis engine (`engine` fixture, tests/dispatch/conftest.py); the few that rely on
-in-process details are marked `local_only`.
+Redis engine (`engine` fixture, tests/dispatch/conftest.py).
 """
 
 from __future__ import annotations
