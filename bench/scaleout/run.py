@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +37,7 @@ sys.path.insert(0, str(HERE.parent / "overhead"))
 from bench import ENGINE_NS, write_engine_conf  # type: ignore[import-not-found]  # noqa: E402
 
 AIGUILLAGE = [sys.executable, "-m", "aiguillage.cli"]
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own: its keys are removed after
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -136,7 +135,6 @@ def wrk(port: int, key: str, duration: int, connections: int, tmp: Path) -> dict
 def run_setup(
     tmp: Path, replicas: int, shared: bool, duration: int, connections: int
 ) -> dict[str, float]:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
     config = tmp / f"gw-{replicas}-{shared}.yaml"
     document: dict[str, object] = {
         "database_url": f"sqlite+aiosqlite:///{tmp / f'gw-{replicas}-{shared}.db'}",
@@ -148,7 +146,7 @@ def run_setup(
         ],
     }
     if shared:
-        document |= {"scheduler_url": REDIS_URL, "scheduler_prefix": prefix}
+        document |= {"scheduler_url": REDIS_URL}
     config.write_text(yaml.safe_dump(document))
     key = key_for(config)
     ports = [free_port() for _ in range(replicas)]
@@ -175,7 +173,7 @@ def run_setup(
     result["cpu_ms_per_request"] = used * 1000 / result["requests"]
     if shared:
         client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{{{prefix}}}*"))
+        keys = list(client.scan_iter(match="aiguillage:*"))
         if keys:
             client.delete(*keys)
     return result

@@ -44,20 +44,17 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.catalog = Catalog.from_config(config)
         self.authenticator = Authenticator(key_lookup, config.key_cache_ttl_s)
-        self.scheduler: LocalScheduler | RedisScheduler
-        if config.scheduler_url:
-            self.scheduler = RedisScheduler(
+        self.scheduler: LocalScheduler = (
+            LocalScheduler(self.catalog, site=config.site, on_queue_change=self._queue_changed)
+            if config.scheduler_url is None
+            else RedisScheduler(
                 self.catalog,
                 config.scheduler_url,
                 site=config.site,
-                prefix=config.scheduler_prefix,
-                lease_ttl_s=config.scheduler_lease_ttl_s,
+                on_queue_change=self._queue_changed,
                 on_availability=lambda up: self.metrics.scheduler_unavailable.set(0 if up else 1),
             )
-        else:
-            self.scheduler = LocalScheduler(
-                self.catalog, site=config.site, on_queue_change=self._queue_changed
-            )
+        )
         self.relay = Relay(self.scheduler, self.metrics)
         self.ledger = UsageLedger(
             usage_sink,
@@ -126,9 +123,8 @@ class Gateway:
                 log.error("critical model %s is below its minimum of usable backends", name)
 
     async def start(self) -> None:
-        if isinstance(self.scheduler, RedisScheduler):
-            await self.scheduler.start()
         self.ledger.start()
+        await self.scheduler.start()
         await self.prober.probe_all()
         self.prober.start()
         self.scraper.start()
@@ -136,11 +132,10 @@ class Gateway:
 
     async def stop(self) -> None:
         await self._maintenance.stop()
+        await self.scheduler.close()
         await self.prober.stop()
         await self.scraper.stop()
         await self.ledger.close()
-        if isinstance(self.scheduler, RedisScheduler):
-            await self.scheduler.close()
         for backend in self.catalog.backends():
             await backend.close()
         for close in self.closers:

@@ -255,3 +255,10 @@ def test_the_jobs_section_has_defaults_and_is_strict() -> None:
     ):
         with pytest.raises(ConfigError):
             parse_config(wrong)
+
+
+def test_scheduler_url_selects_redis_and_defaults_to_in_process() -> None:
+    assert parse_config({}).scheduler_url is None
+    assert parse_config({"scheduler_url": "redis://r:6379/0"}).scheduler_url == "redis://r:6379/0"
+    with pytest.raises(ConfigError, match="scheduler_url"):
+        parse_config({"scheduler_url": "http://r:6379"})

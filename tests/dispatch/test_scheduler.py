@@ -1,4 +1,8 @@
-"""The in-process scheduler, without HTTP: queues, leases, strategies, QoS, owners, circuits."""
+"""The dispatcher, without HTTP: queues, leases, strategies, QoS, owners, circuits.
+
+One conformance suite: every test runs against the in-process engine and the
+Redis engine (`engine` fixture, tests/dispatch/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from aiguillage.dispatch.dispatcher import (
 from aiguillage.dispatch.scheduler import LocalScheduler
 from aiguillage.dispatch.strategies import LeastBusy, PrefixAffinity, load_of
 from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
+from tests.dispatch.engines import Engine
 
 
 class Clock:
@@ -33,7 +38,11 @@ class Clock:
 
 
 def setup(
-    *servers: dict[str, Any], site: str | None = None, clock: Clock | None = None, **model: Any
+    engine: Engine,
+    *servers: dict[str, Any],
+    site: str | None = None,
+    clock: Clock | None = None,
+    **model: Any,
 ) -> tuple[LocalScheduler, ModelEntry]:
     config = parse_config(
         {
@@ -51,7 +60,7 @@ def setup(
     )
     clock = clock or Clock()
     catalog = Catalog.from_config(config, clock)
-    scheduler = LocalScheduler(catalog, site=site, clock=clock)
+    scheduler = engine(catalog, site=site, clock=clock)
     entry = catalog.resolve("m")
     assert entry is not None
     return scheduler, entry
@@ -70,7 +79,7 @@ async def waiting(scheduler: LocalScheduler, tickets: list[Ticket]) -> list[asyn
     tasks = []
     for one in tickets:
         tasks.append(asyncio.ensure_future(scheduler.acquire(one)))
-        await asyncio.sleep(0)
+        await scheduler.settled()
     return tasks
 
 
@@ -81,7 +90,7 @@ async def serve_in_order(
     order = []
     scheduler.release(first, ok=True)
     for _ in tasks:
-        await asyncio.sleep(0)
+        await scheduler.settled()
         done = [task for task in tasks if task.done() and task.result().ticket not in order]
         assert len(done) == 1, "exactly one ticket is granted per freed slot"
         lease = done[0].result()
@@ -93,8 +102,8 @@ async def serve_in_order(
 # --- queues and priorities ------------------------------------------------------------------
 
 
-async def test_empty_queue_grants_at_once_without_waiting() -> None:
-    scheduler, entry = setup({"url": url("a")})
+async def test_empty_queue_grants_at_once_without_waiting(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")})
     lease = await scheduler.acquire(ticket(entry))
     assert lease.backend.in_flight == 1 and lease.ticket.waited_s == 0
     scheduler.release(lease, ok=True)
@@ -102,22 +111,22 @@ async def test_empty_queue_grants_at_once_without_waiting() -> None:
     assert lease.backend.in_flight == 0
 
 
-async def test_never_more_than_max_concurrency() -> None:
-    scheduler, entry = setup({"url": url("a"), "max_concurrency": 3})
+async def test_never_more_than_max_concurrency(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a"), "max_concurrency": 3})
     leases = [await scheduler.acquire(ticket(entry)) for _ in range(3)]
     tasks = await waiting(scheduler, [ticket(entry) for _ in range(5)])
     assert not any(task.done() for task in tasks)
     assert leases[0].backend.in_flight == 3
     scheduler.release(leases[0], ok=True)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert sum(task.done() for task in tasks) == 1
     assert leases[0].backend.in_flight == 3
     for task in tasks:
         task.cancel()
 
 
-async def test_strict_priority_then_fifo() -> None:
-    scheduler, entry = setup({"url": url("a")})
+async def test_strict_priority_then_fifo(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")})
     held = await scheduler.acquire(ticket(entry))
     low1, low2 = ticket(entry, priority=0), ticket(entry, priority=0)
     high, mid = ticket(entry, priority=10), ticket(entry, priority=5)
@@ -125,8 +134,8 @@ async def test_strict_priority_then_fifo() -> None:
     assert await serve_in_order(scheduler, held, tasks) == [high, mid, low1, low2]
 
 
-async def test_fairness_between_two_organisations_flooding_one_level() -> None:
-    scheduler, entry = setup({"url": url("a")})
+async def test_fairness_between_two_organisations_flooding_one_level(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")})
     held = await scheduler.acquire(ticket(entry))
     flood = [ticket(entry, org="big") for _ in range(6)]
     small = [ticket(entry, org="small") for _ in range(2)]
@@ -136,8 +145,8 @@ async def test_fairness_between_two_organisations_flooding_one_level() -> None:
     assert order[4:] == ["big"] * 4
 
 
-async def test_a_retried_ticket_keeps_its_place() -> None:
-    scheduler, entry = setup({"url": url("a")}, {"url": url("b")})
+async def test_a_retried_ticket_keeps_its_place(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")}, {"url": url("b")})
     first = ticket(entry)
     lease_a = await scheduler.acquire(first)
     lease_b = await scheduler.acquire(ticket(entry))
@@ -145,33 +154,33 @@ async def test_a_retried_ticket_keeps_its_place() -> None:
     # the first ticket's backend fails before the first byte: the relay retries it elsewhere
     first.exclude = frozenset({lease_a.backend})
     scheduler.release(lease_a, ok=False)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert later_task.done()  # the freed slot went to the one waiting
     (latecomer,) = await waiting(scheduler, [ticket(entry)])
     (retry,) = await waiting(scheduler, [first])
     scheduler.release(lease_b, ok=True)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert retry.done() and not latecomer.done()  # `first` arrived before the latecomer
     assert retry.result().backend is lease_b.backend
     latecomer.cancel()
 
 
-async def test_a_key_over_its_threshold_gets_queue_full_at_once() -> None:
-    scheduler, entry = setup({"url": url("a")})
+async def test_a_key_over_its_threshold_gets_queue_full_at_once(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")})
     held = await scheduler.acquire(ticket(entry, key_id=1))
     tasks = await waiting(scheduler, [ticket(entry, key_id=1, queue_threshold=2) for _ in range(2)])
     with pytest.raises(QueueFull):
         await scheduler.acquire(ticket(entry, key_id=1, queue_threshold=2))
     other_key = asyncio.ensure_future(scheduler.acquire(ticket(entry, key_id=2, queue_threshold=2)))
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not other_key.done()  # another key is not affected
     for task in [*tasks, other_key]:
         task.cancel()
     scheduler.release(held, ok=True)
 
 
-async def test_a_ticket_waits_at_most_the_queue_timeout() -> None:
-    scheduler, entry = setup({"url": url("a")}, queue_timeout_s=0.05)
+async def test_a_ticket_waits_at_most_the_queue_timeout(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")}, queue_timeout_s=0.05)
     held = await scheduler.acquire(ticket(entry))
     with pytest.raises(QueueTimeout):
         await scheduler.acquire(ticket(entry))
@@ -179,23 +188,23 @@ async def test_a_ticket_waits_at_most_the_queue_timeout() -> None:
     scheduler.release(held, ok=True)
 
 
-async def test_a_client_vanishing_while_queued_leaves_no_trace() -> None:
-    scheduler, entry = setup({"url": url("a")})
+async def test_a_client_vanishing_while_queued_leaves_no_trace(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")})
     held = await scheduler.acquire(ticket(entry))
     gone = asyncio.ensure_future(scheduler.acquire(ticket(entry, org="gone")))
     stays = asyncio.ensure_future(scheduler.acquire(ticket(entry, org="stays")))
-    await asyncio.sleep(0)
+    await scheduler.settled()
     gone.cancel()
-    await asyncio.sleep(0)
+    await scheduler.settled()
     scheduler.release(held, ok=True)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert stays.done() and stays.result().ticket.organisation == "stays"
     assert held.backend.in_flight == 1
 
 
-async def test_a_lease_whose_client_vanished_is_reclaimed_by_the_safety_net() -> None:
+async def test_a_lease_whose_client_vanished_is_reclaimed_by_the_safety_net(engine: Engine) -> None:
     clock = Clock()
-    scheduler, entry = setup({"url": url("a")}, clock=clock)
+    scheduler, entry = setup(engine, {"url": url("a")}, clock=clock)
     lease = await scheduler.acquire(ticket(entry))  # and its holder never releases it
     clock.now += 10
     assert scheduler.reclaim_stale_leases(max_age_s=60) == 0
@@ -205,10 +214,10 @@ async def test_a_lease_whose_client_vanished_is_reclaimed_by_the_safety_net() ->
     assert lease.released and lease.backend.in_flight == 0
 
 
-async def test_priority_inversion_attempt_cannot_raise_above_the_key() -> None:
+async def test_priority_inversion_attempt_cannot_raise_above_the_key(engine: Engine) -> None:
     # the ceiling is applied by the endpoint: a ticket carries min(key, asked); here we check that
     # a low ticket cannot jump ahead of a high one already waiting, whatever its arrival
-    scheduler, entry = setup({"url": url("a")})
+    scheduler, entry = setup(engine, {"url": url("a")})
     held = await scheduler.acquire(ticket(entry))
     high = ticket(entry, priority=9)
     tasks = await waiting(scheduler, [high, ticket(entry, priority=8), ticket(entry, priority=8)])
@@ -218,9 +227,9 @@ async def test_priority_inversion_attempt_cannot_raise_above_the_key() -> None:
 # --- health and circuits --------------------------------------------------------------------
 
 
-async def test_all_backends_open_circuit_fails_fast() -> None:
+async def test_all_backends_open_circuit_fails_fast(engine: Engine) -> None:
     clock = Clock()
-    scheduler, entry = setup({"url": url("a")}, {"url": url("b")}, clock=clock)
+    scheduler, entry = setup(engine, {"url": url("a")}, {"url": url("b")}, clock=clock)
     for backend in entry.backends:
         backend.circuit.on_failure()
         backend.circuit.on_failure()
@@ -233,9 +242,9 @@ async def test_all_backends_open_circuit_fails_fast() -> None:
     assert lease.backend.circuit.state is CircuitState.CLOSED
 
 
-async def test_failures_open_the_circuit_and_traffic_moves_away() -> None:
+async def test_failures_open_the_circuit_and_traffic_moves_away(engine: Engine) -> None:
     scheduler, entry = setup(
-        {"url": url("a"), "max_concurrency": 5}, {"url": url("b"), "max_concurrency": 5}
+        engine, {"url": url("a"), "max_concurrency": 5}, {"url": url("b"), "max_concurrency": 5}
     )
     a = entry.backends[0]
     for _ in range(2):
@@ -246,9 +255,9 @@ async def test_failures_open_the_circuit_and_traffic_moves_away() -> None:
     assert {lease.backend for lease in leases} == {entry.backends[1]}
 
 
-async def test_unhealthy_backend_is_skipped() -> None:
+async def test_unhealthy_backend_is_skipped(engine: Engine) -> None:
     scheduler, entry = setup(
-        {"url": url("a"), "max_concurrency": 5}, {"url": url("b"), "max_concurrency": 5}
+        engine, {"url": url("a"), "max_concurrency": 5}, {"url": url("b"), "max_concurrency": 5}
     )
     entry.backends[0].healthy = False
     leases = [await scheduler.acquire(ticket(entry)) for _ in range(4)]
@@ -258,16 +267,17 @@ async def test_unhealthy_backend_is_skipped() -> None:
 # --- strategies ------------------------------------------------------------------------------
 
 
-async def test_round_robin_alternates() -> None:
+async def test_round_robin_alternates(engine: Engine) -> None:
     scheduler, entry = setup(
-        {"url": url("a"), "max_concurrency": 9}, {"url": url("b"), "max_concurrency": 9}
+        engine, {"url": url("a"), "max_concurrency": 9}, {"url": url("b"), "max_concurrency": 9}
     )
     names = [(await scheduler.acquire(ticket(entry))).backend.name for _ in range(4)]
     assert names[0] != names[1] and names[0] == names[2] and names[1] == names[3]
 
 
-async def test_weighted_follows_the_weights() -> None:
+async def test_weighted_follows_the_weights(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("a"), "max_concurrency": 99, "weight": 3},
         {"url": url("b"), "max_concurrency": 99, "weight": 1},
         routing_strategy="weighted",
@@ -276,8 +286,9 @@ async def test_weighted_follows_the_weights() -> None:
     assert counts["a.example:8000"] == 30 and counts["b.example:8000"] == 10
 
 
-async def test_least_busy_uses_engine_signals_and_breaks_ties_at_random() -> None:
+async def test_least_busy_uses_engine_signals_and_breaks_ties_at_random(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("a"), "max_concurrency": 10},
         {"url": url("b"), "max_concurrency": 10},
         routing_strategy="least-busy",
@@ -296,8 +307,9 @@ async def test_least_busy_uses_engine_signals_and_breaks_ties_at_random() -> Non
     assert picks[a] > 50 and picks[b] > 50  # equal load: both get chosen
 
 
-async def test_least_busy_prefers_the_local_site_at_equal_load() -> None:
+async def test_least_busy_prefers_the_local_site_at_equal_load(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("far"), "max_concurrency": 10, "site": "paris"},
         {"url": url("near"), "max_concurrency": 10, "site": "rennes"},
         routing_strategy="least-busy",
@@ -309,8 +321,9 @@ async def test_least_busy_prefers_the_local_site_at_equal_load() -> None:
     assert other.backend.site == "paris"  # the local one is now busier: the other site helps
 
 
-async def test_latency_strategy_picks_the_fastest_recent_ttft() -> None:
+async def test_latency_strategy_picks_the_fastest_recent_ttft(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("a"), "max_concurrency": 10},
         {"url": url("b"), "max_concurrency": 10},
         routing_strategy="latency",
@@ -321,8 +334,9 @@ async def test_latency_strategy_picks_the_fastest_recent_ttft() -> None:
     assert (await scheduler.acquire(ticket(entry))).backend is b
 
 
-async def test_prefix_affinity_sticks_and_spills_over_its_bound() -> None:
+async def test_prefix_affinity_sticks_and_spills_over_its_bound(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         *({"url": url(name), "max_concurrency": 4} for name in "abc"),
         routing_strategy="prefix-affinity",
     )
@@ -339,8 +353,10 @@ async def test_prefix_affinity_sticks_and_spills_over_its_bound() -> None:
     assert len(homes) == 3  # different prefixes spread over the ring
 
 
-def test_prefix_affinity_moves_to_the_next_backend_when_its_home_is_overloaded() -> None:
-    _, entry = setup(*({"url": url(name), "max_concurrency": 4} for name in "abc"))
+def test_prefix_affinity_moves_to_the_next_backend_when_its_home_is_overloaded(
+    engine: Engine,
+) -> None:
+    _, entry = setup(engine, *({"url": url(name), "max_concurrency": 4} for name in "abc"))
     strategy = PrefixAffinity(entry.backends, LeastBusy(rng=random.Random(1)))
     probe = ticket(entry, prefix="shared system prompt")
     home, _ = strategy.choose(probe, entry.backends)
@@ -353,8 +369,9 @@ def test_prefix_affinity_moves_to_the_next_backend_when_its_home_is_overloaded()
 # --- QoS policies and owners ------------------------------------------------------------------
 
 
-async def test_parallel_threshold_keeps_headroom_for_high_priority() -> None:
+async def test_parallel_threshold_keeps_headroom_for_high_priority(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("a"), "max_concurrency": 4},
         qos={
             "policy": "parallel-threshold",
@@ -366,25 +383,28 @@ async def test_parallel_threshold_keeps_headroom_for_high_priority() -> None:
     )
     low = [await scheduler.acquire(ticket(entry, priority=0)) for _ in range(2)]
     blocked = asyncio.ensure_future(scheduler.acquire(ticket(entry, priority=0)))
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not blocked.done()  # low priority may use 2 of 4 slots
     high = [await scheduler.acquire(ticket(entry, priority=10)) for _ in range(2)]
     assert entry.backends[0].in_flight == 4
     scheduler.release(high[0], ok=True)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not blocked.done()  # a freed slot above the low share stays for high priority
     scheduler.release(low[0], ok=True)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not blocked.done()  # 2 of 4 in use: still at the low share
     scheduler.release(high[1], ok=True)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert blocked.done()  # under the share: the held ticket goes
     for lease in [low[1], blocked.result()]:
         scheduler.release(lease, ok=True)
 
 
-async def test_performance_policy_holds_low_priority_while_the_backend_is_slow() -> None:
+async def test_performance_policy_holds_low_priority_while_the_backend_is_slow(
+    engine: Engine,
+) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("a"), "max_concurrency": 8},
         qos={"policy": "performance", "protected_priority": 10, "ttft_target_s": 0.5},
     )
@@ -392,19 +412,19 @@ async def test_performance_policy_holds_low_priority_while_the_backend_is_slow()
     busy = await scheduler.acquire(ticket(entry, priority=10))
     backend.observe_ttft(2.0)
     low = asyncio.ensure_future(scheduler.acquire(ticket(entry, priority=0)))
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not low.done()
     assert (await scheduler.acquire(ticket(entry, priority=10))).backend is backend
     for _ in range(20):
         backend.observe_ttft(0.1)  # the backend recovers
     scheduler.backend_changed(backend)
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert low.done()
     scheduler.release(busy, ok=True)
 
 
-async def test_owner_goes_first_on_its_own_server() -> None:
-    scheduler, entry = setup({"url": url("a"), "owner": "rennes"})
+async def test_owner_goes_first_on_its_own_server(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a"), "owner": "rennes"})
     held = await scheduler.acquire(ticket(entry, org="other"))
     strangers = [ticket(entry, org="other", priority=50) for _ in range(2)]
     owner = ticket(entry, org="rennes", priority=0)
@@ -412,13 +432,13 @@ async def test_owner_goes_first_on_its_own_server() -> None:
     assert (await serve_in_order(scheduler, held, tasks))[0] is owner
 
 
-async def test_owner_reserved_slots_are_kept_for_the_owner() -> None:
+async def test_owner_reserved_slots_are_kept_for_the_owner(engine: Engine) -> None:
     scheduler, entry = setup(
-        {"url": url("a"), "owner": "rennes", "max_concurrency": 3, "owner_reserved": 1}
+        engine, {"url": url("a"), "owner": "rennes", "max_concurrency": 3, "owner_reserved": 1}
     )
     others = [await scheduler.acquire(ticket(entry, org="other")) for _ in range(2)]
     blocked = asyncio.ensure_future(scheduler.acquire(ticket(entry, org="other")))
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not blocked.done()
     mine = await scheduler.acquire(ticket(entry, org="rennes"))
     assert mine.backend.in_flight == 3
@@ -427,8 +447,9 @@ async def test_owner_reserved_slots_are_kept_for_the_owner() -> None:
         scheduler.release(lease, ok=True)
 
 
-async def test_routing_modes() -> None:
+async def test_routing_modes(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("public"), "max_concurrency": 5},
         {"url": url("private"), "max_concurrency": 5, "owner": "rennes"},
     )
@@ -450,14 +471,14 @@ async def test_routing_modes() -> None:
     held = asyncio.ensure_future(
         scheduler.acquire(ticket(entry, org="rennes", routing_mode=RoutingMode.PRIVATE_ONLY))
     )
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not held.done()  # private-only waits for its own
     held.cancel()
     with pytest.raises(NoPrivateBackend):
         await scheduler.acquire(ticket(entry, org="lyon", routing_mode=RoutingMode.PRIVATE_ONLY))
 
 
-async def test_critical_model_keeps_reserved_capacity_on_shared_backends() -> None:
+async def test_critical_model_keeps_reserved_capacity_on_shared_backends(engine: Engine) -> None:
     config = parse_config(
         {
             "models": [
@@ -472,19 +493,19 @@ async def test_critical_model_keeps_reserved_capacity_on_shared_backends() -> No
         }
     )
     catalog = Catalog.from_config(config)
-    scheduler = LocalScheduler(catalog)
+    scheduler = engine(catalog)
     vital, chat = catalog.resolve("vital"), catalog.resolve("chat")
     assert vital is not None and chat is not None
     chats = [await scheduler.acquire(ticket(chat)) for _ in range(2)]
     blocked = asyncio.ensure_future(scheduler.acquire(ticket(chat)))
-    await asyncio.sleep(0)
+    await scheduler.settled()
     assert not blocked.done()
     assert (await scheduler.acquire(ticket(vital))).backend is chats[0].backend
     blocked.cancel()
 
 
-async def test_explain_shows_queues_backends_and_decisions() -> None:
-    scheduler, entry = setup({"url": url("a"), "owner": "rennes"})
+async def test_explain_shows_queues_backends_and_decisions(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a"), "owner": "rennes"})
     held = await scheduler.acquire(ticket(entry, org="rennes"))
     tasks = await waiting(
         scheduler, [ticket(entry, org="x", priority=3), ticket(entry, org="y", priority=3)]
@@ -504,8 +525,9 @@ async def test_explain_shows_queues_backends_and_decisions() -> None:
     scheduler.release(held, ok=True)
 
 
-async def test_latency_strategy_spreads_load_in_proportion_to_speed() -> None:
+async def test_latency_strategy_spreads_load_in_proportion_to_speed(engine: Engine) -> None:
     scheduler, entry = setup(
+        engine,
         {"url": url("fast"), "max_concurrency": 20},
         {"url": url("slow"), "max_concurrency": 20},
         routing_strategy="latency",
@@ -517,3 +539,35 @@ async def test_latency_strategy_spreads_load_in_proportion_to_speed() -> None:
     assert fast.in_flight == 8 and slow.in_flight == 4  # no herding onto the fastest
     for lease in leases:
         scheduler.release(lease, ok=True)
+
+
+# --- catalog changes ----------------------------------------------------------------------------
+
+
+async def test_catalog_changed_reindexes_models_and_keeps_queues_and_leases(engine: Engine) -> None:
+    scheduler, entry = setup(engine, {"url": url("a")})
+    held = await scheduler.acquire(ticket(entry))
+    (waiter,) = await waiting(scheduler, [ticket(entry)])
+    config = parse_config(
+        {
+            "models": [
+                {"name": "m", "servers": [{"url": url("a"), "max_concurrency": 1}]},
+                {"name": "n", "servers": [{"url": url("b"), "max_concurrency": 1}]},
+            ]
+        }
+    )
+    catalog = Catalog.from_config(config)
+    new_m, new_n = catalog.resolve("m"), catalog.resolve("n")
+    assert new_m is not None and new_n is not None
+    scheduler.catalog = catalog
+    scheduler.catalog_changed()
+    assert not waiter.done()  # still in line: the new backend "a" is a new object, empty
+    assert set(scheduler.explain()["models"]) == {"m", "n"}
+    lease_n = await scheduler.acquire(ticket(new_n))  # a model that did not exist before
+    assert lease_n.backend.name == "b.example:8000"
+    scheduler.release(held, ok=True)  # a lease from before the change still ends cleanly
+    assert held.backend.in_flight == 0
+    scheduler.catalog = Catalog.from_config(parse_config({"models": []}))
+    scheduler.catalog_changed()
+    with pytest.raises(NoBackendAvailable):
+        await waiter  # its model is gone

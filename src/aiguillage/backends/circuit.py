@@ -72,3 +72,10 @@ class CircuitBreaker:
         elif not up and self.state is not CircuitState.CLOSED:
             self._opened_at = self._clock()
             self._state = CircuitState.OPEN
+
+    def open_for(self, seconds: float) -> None:
+        """Another gateway replica opened this backend's circuit: stay open here as long."""
+        if self.state is CircuitState.CLOSED:
+            self._state = CircuitState.OPEN
+            self._opened_at = self._clock() - self.open_s + seconds
+            self._trial_in_flight = False

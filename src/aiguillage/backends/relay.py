@@ -210,7 +210,7 @@ def _dispatch_error(model: ModelEntry, error: DispatchError) -> ApiError:
         )
     if isinstance(error, SchedulerUnavailable):
         return unavailable(
-            "The gateway cannot reach its shared scheduler right now; retry shortly.",
+            "The gateway's shared scheduler is unreachable for a moment; retry shortly.",
             code="scheduler_unavailable",
             retry_after_s=1,
         )

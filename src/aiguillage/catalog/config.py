@@ -191,6 +191,9 @@ class GatewayConfig(_Strict):
     """Everything `aiguillage serve` needs, with defaults for the embedded setup."""
 
     database_url: str | None = None
+    # redis://host:port/db shares queues, leases and caps between gateway replicas;
+    # unset, the in-process scheduler serves this process alone
+    scheduler_url: str | None = None
     site: str | None = None  # this gateway's datacentre: its backends are preferred at equal load
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     max_audio_bytes: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024  # OpenAI's own limit
@@ -202,11 +205,6 @@ class GatewayConfig(_Strict):
     circuit_failures: Annotated[int, Field(ge=1)] = 3  # consecutive failures that open it
     circuit_open_s: Annotated[float, Field(gt=0)] = 10.0  # then one trial request
     lease_ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # safety net for a lost release
-    # the shared scheduler for several replicas (redis://host:port/db); unset: in-process
-    scheduler_url: str | None = None
-    scheduler_prefix: str = "aiguillage"  # Redis key prefix, one per federation
-    # a killed replica's slots come back within this time (its leases are no longer renewed)
-    scheduler_lease_ttl_s: Annotated[float, Field(ge=1, le=60)] = 8.0
     ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 1.0
     ledger_batch_size: Annotated[int, Field(ge=1)] = 500
     models: list[ModelConfig] = Field(default_factory=list)
@@ -221,6 +219,13 @@ class GatewayConfig(_Strict):
             raise ValueError(
                 "expected 'sqlite+aiosqlite:///PATH' or 'postgresql+asyncpg://USER@HOST/DB'"
             )
+        return value
+
+    @field_validator("scheduler_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected 'redis://HOST:PORT/DB' (or rediss://, unix://)")
         return value
 
     @model_validator(mode="after")

@@ -9,9 +9,12 @@ tests.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiguillage.dispatch.tickets import Lease, Ticket
+
+if TYPE_CHECKING:
+    from aiguillage.backends.backend import Backend
 
 
 class DispatchError(Exception):
@@ -35,7 +38,7 @@ class QueueTimeout(DispatchError):
 
 
 class SchedulerUnavailable(DispatchError):
-    """The shared scheduler (Redis) does not answer: no replica can keep the caps alone."""
+    """The shared scheduler (Redis) cannot be reached: answer 503 fast, retry shortly."""
 
 
 class Dispatcher(Protocol):
@@ -46,4 +49,36 @@ class Dispatcher(Protocol):
 
     def release(self, lease: Lease, ok: bool | None) -> None:
         """End a lease (idempotent); `ok` tells the circuit breaker how it went."""
+        ...
+
+    def backend_changed(self, backend: Backend) -> None:
+        """Capacity or health of a backend changed: waiting tickets may move."""
+        ...
+
+    def catalog_changed(self) -> None:
+        """The catalog's models/backends changed: re-index them, keep queues and leases."""
+        ...
+
+    def in_flight(self, backend: Backend) -> int:
+        """Requests on this backend through the gateway (all replicas for a shared engine)."""
+        ...
+
+    def reclaim_stale_leases(self, max_age_s: float) -> int:
+        """Release leases not renewed for `max_age_s` (a lost release); returns how many."""
+        ...
+
+    def explain(self) -> dict[str, Any]:
+        """What /admin/dispatch shows: queues, backends, recent decisions."""
+        ...
+
+    async def start(self) -> None:
+        """Connect and start background work (lease renewal, wake-ups); before any acquire."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work and disconnect."""
+        ...
+
+    async def settled(self) -> None:
+        """Return once every operation already started (releases, pumps) has taken effect."""
         ...

@@ -1,30 +1,28 @@
-"""The shared scheduler: one view of queues and leases for every gateway replica, in Redis.
+"""The shared scheduler: several gateway replicas, one view of queues, leases and limits.
 
-Each replica keeps doing what needs its own knowledge (the key's routing mode, the
-model's strategy ranking the backends, the slots a ticket may use on each under the
-owner, critical and QoS rules: `slot_limit`), and hands Redis what must hold across
-replicas: the in-flight count of every backend, the per-model queue in priority and
-fair order, and the leases. Every change is one Lua script (redis_scheduler.lua holds
-their common part), so two replicas never both take a backend's last slot.
+Queues, in-flight counts and leases live in Redis; every change is one Lua
+script (`lua/scheduler.lua`), so caps and priorities hold across replicas.
+A replica computes what only it knows (backend health and circuits as it sees
+them, the model's strategy, the per-ticket limits of `placement.py`) and hands
+Redis the ticket's ordered list of acceptable backends with their limits;
+Redis places the ticket on the first with room, or queues it globally.
 
-- A ticket carries its ordered preferences `[[backend, limit], ...]`. Acquiring places it
-  on the first preferred backend under its limit when nobody waits (one round trip),
-  otherwise queues it with score `(MAX_PRIORITY - priority) * 2^32 + rank`, where the
-  rank is start-time fair queueing between organisations within a priority level.
-- Ending a lease pumps the queues of the backend's models: tickets are granted in
-  order, and each grant is published on its replica's channel, which resolves the
-  waiting request. No replica polls.
-- A lease has a deadline the owning replica pushes forward every `lease_ttl_s / 3`; any
-  replica reaps expired ones, so a killed replica's slots come back within the TTL. A
-  renewal also re-registers a lease Redis no longer knows (a restart that lost its data),
-  so the caps keep counting requests still running.
-- When Redis does not answer, acquiring fails at once with `SchedulerUnavailable` (503
-  and Retry-After for the client): a replica cannot keep a global cap on its own.
+A queued ticket waits on a future. Whoever frees a slot (any replica) runs the
+pump in the same script; a grant for a ticket of another replica is published
+on that replica's channel, whose listener resolves the future: no polling.
 
-Not shared (yet): circuit-breaker states (each replica probes and counts failures itself),
-the owner-first pass of the local scheduler when capacity frees (owners still get their
-reserved slots and their routing modes), and the `performance` policy is evaluated when
-a ticket is queued, not again while it waits.
+Leases carry a deadline that their replica renews every `renew_interval_s`;
+every replica reaps expired leases every `reap_interval_s`, so the capacity of
+a replica that died comes back within `lease_ttl_s` plus one reap.
+
+A circuit a replica opens is recorded in Redis with its end; every reply carries
+the open ones, so the other replicas stop sending there too (within one reap).
+
+When Redis cannot be reached, `acquire` raises `SchedulerUnavailable` at once
+(the relay answers 503 with Retry-After) and the client reconnects by itself;
+after a restart that lost the data, Redis places nothing for a short recovery
+window (503 meanwhile) while every replica's renewal puts its live leases back,
+so caps still count requests in progress; tickets Redis forgot fail with 503.
 """
 
 from __future__ import annotations
@@ -32,121 +30,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
-from collections.abc import Callable, Sequence
-from importlib import resources
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from importlib.resources import files
 from typing import Any
 
-import orjson
-import redis.asyncio as redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from aiguillage.api.payload import MAX_PRIORITY
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.circuit import CircuitState
+from aiguillage.backends.periodic import Periodic
 from aiguillage.catalog.catalog import Catalog, ModelEntry
-from aiguillage.dispatch.dispatcher import QueueFull, QueueTimeout, SchedulerUnavailable
-from aiguillage.dispatch.scheduler import check_servable, eligible, slot_limit
-from aiguillage.dispatch.strategies import Strategy, make_strategy
+from aiguillage.dispatch.dispatcher import (
+    NoBackendAvailable,
+    QueueFull,
+    QueueTimeout,
+    SchedulerUnavailable,
+)
+from aiguillage.dispatch.placement import allowed, check_servable, effective_limit, may_take
+from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.scheduler import LocalScheduler, ModelState
+from aiguillage.dispatch.strategies import load_of
 from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
 
 log = logging.getLogger(__name__)
 
-QUEUE_SCAN = 200  # waiting tickets a pump looks at; beyond, they wait for the next pump
-REDIS_CONNECTIONS = 32  # per replica; scripts are short, so few connections serve many requests
-_COMMON = resources.files("aiguillage.dispatch").joinpath("redis_scheduler.lua").read_text()
-
-_ACQUIRE = """
-local model, seq = ARGV[2], tonumber(ARGV[3])
-local ticket = cjson.decode(ARGV[4])
-local priority, org = tonumber(ARGV[5]), ARGV[6]
-local threshold, ttl_ms, scan = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local retry = ARGV[10] == '1'
-if seq == 0 then
-  seq = redis.call('INCR', p .. ':seq')
-end
-local member = string.format('%015d', seq)
-local queue = p .. ':q:' .. model
-if redis.call('ZCARD', queue) == 0 then
-  local backend = place(ticket.prefs)
-  if backend then
-    grant(member, backend, ttl_ms)
-    return {'granted', seq, backend, counts(11)}
-  end
-end
-if tonumber(redis.call('HGET', p .. ':w:' .. model, ticket.key) or '0') >= threshold then
-  return {'full', seq, '', counts(11)}
-end
-local level = tostring(priority)
-local rank = tonumber(redis.call('HGET', p .. ':vt:' .. model, level) or '0')
-if not retry then  -- a retried ticket goes back to the head of its level
-  local fair = p .. ':of:' .. model .. ':' .. level
-  rank = math.max(rank, tonumber(redis.call('HGET', fair, org) or '0'))
-  redis.call('HSET', fair, org, rank + 1)
-end
-ticket.level = level
-ticket.rank = rank
-redis.call('HSET', p .. ':tk', member, cjson.encode(ticket))
-redis.call('HINCRBY', p .. ':w:' .. model, ticket.key, 1)
-redis.call('ZADD', queue, (MAX_PRIORITY - priority) * RANK_SPAN + rank, member)
-local backend = pump(model, ttl_ms, scan)[member]
-if backend then
-  return {'granted', seq, backend, counts(11)}
-end
-return {'queued', seq, '', counts(11)}
-""".replace("MAX_PRIORITY", str(MAX_PRIORITY))
-
-_WITHDRAW = """
-if dequeue(ARGV[2], ARGV[3]) then
-  return 1
-end
-if finish(ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])) then
-  return 2  -- granted while it was given up: the lease is ended here
-end
-return 0
-"""
-
-_RELEASE = """
-return finish(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])) or ''
-"""
-
-_REAP = """
-local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now_ms())
-for _, seq in ipairs(expired) do
-  finish(seq, tonumber(ARGV[2]), tonumber(ARGV[3]))
-end
-return #expired
-"""
-
-_RENEW = """
-local deadline = now_ms() + tonumber(ARGV[2])
-local restored = 0
-for i = 3, #ARGV, 2 do
-  local seq, backend = ARGV[i], ARGV[i + 1]
-  if redis.call('ZADD', p .. ':leases', deadline, seq) == 1 then  -- Redis had lost it
-    redis.call('HSET', p .. ':lease', seq, backend)
-    redis.call('HINCRBY', p .. ':inflight', backend, 1)
-    restored = restored + 1
-  end
-end
-return restored
-"""
-
-_REGISTER = """
-for i = 2, #ARGV, 2 do
-  redis.call('SADD', p .. ':bm:' .. ARGV[i], ARGV[i + 1])
-end
-return 0
-"""
-
-_COUNTS = """
-return counts(2)
-"""
+SEP = "\t"
+MAX_CONNECTIONS = 32  # per replica; Redis runs one script at a time anyway
+FORGET_AFTER_S = 30.0  # how long a grant for an unknown or abandoned ticket is remembered
+_SCRIPT = files("aiguillage.dispatch").joinpath("lua/scheduler.lua").read_text()
+_Reply = tuple[str, str, str]
 
 
-class RedisScheduler:
-    """The `Dispatcher` shared by several gateway replicas through one Redis."""
+class RedisScheduler(LocalScheduler):
+    """A `Dispatcher` whose queues, counts and leases are shared through Redis.
+
+    It keeps the local scheduler's bookkeeping (model states, decisions,
+    `explain`, the stale-lease safety net); its local queues hold only this
+    replica's waiting tickets (for metrics and /admin/dispatch), and the
+    `Backend.in_flight` attributes mirror the global counts after each call.
+    """
 
     def __init__(
         self,
@@ -154,336 +81,419 @@ class RedisScheduler:
         url: str,
         *,
         site: str | None = None,
-        prefix: str = "aiguillage",
-        lease_ttl_s: float = 8.0,
-        replica: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_queue_change: Callable[[ModelEntry, ModelQueue], None] | None = None,
         on_availability: Callable[[bool], None] | None = None,
+        prefix: str = "aiguillage:",
+        replica: str | None = None,
+        lease_ttl_s: float = 8.0,
+        renew_interval_s: float = 2.0,
+        reap_interval_s: float = 1.0,
     ) -> None:
-        self._catalog = catalog
-        self._site = site
-        self._prefix = "{" + prefix + "}"
-        self._ttl_ms = int(lease_ttl_s * 1000)
-        self.lease_ttl_s = lease_ttl_s
-        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self._clock = clock
+        self.replica = replica or uuid.uuid4().hex[:12]
+        self.prefix = prefix
+        self._url = url
+        self._ttl_ms = str(round(lease_ttl_s * 1000))
+        self._recovery_ms = round((renew_interval_s * 1.5 + 0.5) * 1000)
         self._on_availability = on_availability
-        # a bounded pool whose callers wait for a connection: under a burst, requests
-        # queue for a few hundred microseconds instead of failing with "too many connections"
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=REDIS_CONNECTIONS,
-            timeout=2.0,
-            socket_connect_timeout=1.0,
-            socket_timeout=2.0,
-            health_check_interval=10,
-        )
-        self._redis: redis.Redis = redis.Redis(connection_pool=pool)
-        self._scripts = {
-            name: self._redis.register_script(_COMMON + body)
-            for name, body in (
-                ("acquire", _ACQUIRE),
-                ("withdraw", _WITHDRAW),
-                ("release", _RELEASE),
-                ("reap", _REAP),
-                ("renew", _RENEW),
-                ("register", _REGISTER),
-                ("counts", _COUNTS),
+        self._available = True
+        self._version = 0  # of the latest reply whose counts were mirrored
+        # a bounded pool: a burst waits up to a second for a connection rather than failing
+        self._redis = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=1.0,
+                decode_responses=True,
+                socket_timeout=1.0,
+                socket_connect_timeout=1.0,
             )
-        }
-        self.leases: set[Lease] = set()
-        self._waiting: dict[str, asyncio.Future[str]] = {}
-        self._early: dict[str, tuple[str, float]] = {}  # grants that beat their waiter
-        self._tasks: set[asyncio.Task[Any]] = set()
+        )
+        # one immediate retry (a pooled connection that died with a restart), no backoff:
+        # an outage must answer fast, not after redis-py's default exponential retries
+        self._redis.set_retry(Retry(NoBackoff(), 1))
+        self._script = self._redis.register_script(_SCRIPT)
+        self._by_name: dict[str, Backend] = {}
+        self._waiting: dict[str, Ticket] = {}  # ticket id in Redis -> this replica's ticket
+        self._early: dict[str, str] = {}  # grants that arrived before their acquire returned
+        self._abandoned: set[str] = set()  # tickets whose client left: their grants go back
+        self._why: dict[Ticket, tuple[Backend | None, str, int]] = {}
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._starting: asyncio.Future[None] | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._upkeep: asyncio.Task[None] | None = None
-        self.available = True
-        self._strategies: dict[str, Strategy] = {}
-        self._backends: dict[str, Backend] = {}
-        self.catalog_changed()
+        self._renewal = Periodic("redis-lease-renewal", self._renew, renew_interval_s)
+        self._reaper = Periodic("redis-lease-reaper", self._reap, reap_interval_s)
+        super().__init__(catalog, site=site, clock=clock, on_queue_change=on_queue_change)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Subscribe to this replica's grants and start renewing and reaping leases."""
-        subscribed = asyncio.Event()
-        self._listener = asyncio.create_task(self._listen(subscribed))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(subscribed.wait(), timeout=5)
-        with contextlib.suppress(SchedulerUnavailable):
-            await self._register()
-        self._upkeep = asyncio.create_task(self._keep_up())
+        """Register the catalog, listen for grants, renew and reap leases (once; idempotent)."""
+        if self._starting is None:
+            self._starting = self._spawn(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="redis-grants")
+        with contextlib.suppress(SchedulerUnavailable):  # it will come: renewal re-registers
+            await self._register(recovering=await self._redis_just_restarted())
+        self._renewal.start()
+        self._reaper.start()
+
+    async def _redis_just_restarted(self) -> bool:
+        """Whether Redis started less than a lease TTL ago: other replicas' leases may
+        not be back yet, so a replica starting then registers with a recovery window."""
+        try:
+            info = await self._redis.info("server")
+        except (RedisError, OSError):
+            return False
+        return int(info.get("uptime_in_seconds", 0)) * 1000 < int(self._ttl_ms)
 
     async def close(self) -> None:
-        for task in (self._listener, self._upkeep):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._renewal.stop()
+        await self._reaper.stop()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self.settled()
         await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
 
     def catalog_changed(self) -> None:
-        """Models or backends changed: rebuild the strategies; queues and leases stay."""
-        self._strategies = {
-            entry.name: make_strategy(entry.config.routing_strategy, entry.backends, self._site)
-            for entry in self._catalog
-        }
-        self._backends = {b.name: b for b in self._catalog.backends()}
+        super().catalog_changed()
+        self._by_name = {b.name: b for entry in self.catalog for b in entry.backends}
         if self._listener is not None:
             self._spawn(self._register())
 
     # --- the Dispatcher interface ---------------------------------------------------------
 
     async def acquire(self, ticket: Ticket) -> Lease:
-        """A lease granted by the shared queue, at once or after waiting; raises DispatchError."""
-        model = ticket.model
+        state = self._states[ticket.model.name]
         check_servable(ticket)
-        retry = ticket.seq != 0
-        if not retry:
+        await self.start()  # connects on first use
+        if not ticket.enqueued_at:
             ticket.enqueued_at = self._clock()
-        preferences, reasons = self._preferences(ticket)
-        document = {"replica": self.replica, "key": str(ticket.key_id), "prefs": preferences}
-        status, seq, backend, counts = await self._call(
-            "acquire",
-            model.name,
-            ticket.seq,
-            orjson.dumps(document),
-            ticket.priority,
-            ticket.organisation,
-            ticket.queue_threshold,
-            self._ttl_ms,
-            QUEUE_SCAN,
-            int(retry),
-            *[b.name for b in model.backends],
+        call = self._spawn(
+            self._call(
+                "acquire",
+                ticket.model.name,
+                str(ticket.priority),
+                ticket.organisation,
+                _key(ticket.key_id),
+                str(ticket.queue_threshold),
+                str(ticket.seq),
+                self._preferences(ticket, state),
+            )
         )
-        self._mirror(model.backends, counts)
-        status, backend = _text(status), _text(backend)
-        ticket.seq = int(seq)
-        member = f"{ticket.seq:015d}"
-        if status == "full":
-            raise QueueFull(model.name)
-        if status == "queued":
-            backend = await self._wait(ticket, member)
-        return self._lease(ticket, member, backend, reasons.get(backend, "shared queue"))
+        try:
+            status, seq, handle = await asyncio.shield(call)
+        except asyncio.CancelledError:  # the client left: undo whatever the script did
+            call.add_done_callback(self._undo_acquire)
+            self._why.pop(ticket, None)
+            raise
+        except SchedulerUnavailable:
+            self._why.pop(ticket, None)
+            raise
+        if seq:
+            ticket.seq = int(seq)
+        if status == "granted":
+            return self._lease(ticket, state, handle)
+        if status in ("full", "unregistered", "recovering"):
+            self._why.pop(ticket, None)
+            if status == "full":
+                raise QueueFull(ticket.model.name)
+            if status == "unregistered":  # Redis came back empty: start its recovery
+                self._spawn(self._quietly(self._register(recovering=True)))
+            raise SchedulerUnavailable("the shared scheduler is recovering its leases")
+        return await self._wait(ticket, state, handle)
 
     def release(self, lease: Lease, ok: bool | None) -> None:
-        """End a lease now for this replica, and in Redis as soon as it answers."""
         if lease.released:
             return
         lease.released = True
         self.leases.discard(lease)
         backend = lease.backend
-        backend.in_flight = max(0, backend.in_flight - 1)
+        backend.in_flight -= 1  # mirrored at once; the script's reply brings the truth
+        opened_ms = 0
         if ok is True:
             backend.circuit.on_success()
         elif ok is False:
+            was_open = backend.circuit.state is CircuitState.OPEN
             backend.circuit.on_failure()
-        # if Redis does not hear it, the lease is no longer renewed and expires
-        self._spawn(self._call("release", lease.lease_id, self._ttl_ms, QUEUE_SCAN))
+            if not was_open and backend.circuit.state is CircuitState.OPEN:  # share it
+                opened_ms = round(backend.circuit.open_s * 1000)
+        self._spawn(self._end(lease.token, opened_ms))
 
     def backend_changed(self, backend: Backend) -> None:
-        """Health changes are local to each replica (circuits are not shared yet)."""
+        """Recompute this replica's waiting tickets' preferences (health, QoS) and pump."""
+        args = []
+        for ticket_id, ticket in self._waiting.items():
+            if backend in ticket.model.backends:
+                args += [ticket_id, self._preferences(ticket, self._states[ticket.model.name])]
+        if args:
+            self._spawn(self._quietly(self._call("refresh", *args)))
 
-    def reclaim_stale_leases(self, max_age_s: float) -> int:
-        """Release this replica's leases not renewed for `max_age_s` (a lost task)."""
-        now = self._clock()
-        stale = [lease for lease in self.leases if now - lease.renewed_at > max_age_s]
-        for lease in stale:
-            log.warning("reclaiming a lease on %s", lease.backend.name)
-            self.release(lease, ok=None)
-        return len(stale)
+    async def settled(self) -> None:
+        """Let started tasks reach Redis, wait for every call, until nothing new starts."""
+        quiet_turns = 0
+        while quiet_turns < 5:
+            await asyncio.sleep(0)
+            if self._pending:
+                await asyncio.wait(list(self._pending))
+                quiet_turns = 0
+            else:
+                quiet_turns += 1
 
-    def explain(self) -> dict[str, Any]:
-        """This replica's view: global in-flight counts as last seen, its own leases."""
-        return {
-            "engine": "redis",
-            "replica": self.replica,
-            "available": self.available,
-            "backends": {
-                name: {
-                    "in_flight": backend.in_flight,
-                    "max_concurrency": backend.max_concurrency,
-                    "circuit": str(backend.circuit.state),
-                    "leases_here": sum(1 for lease in self.leases if lease.backend is backend),
-                }
-                for name, backend in self._backends.items()
-            },
-            "models": {
-                entry.name: {"strategy": self._strategies[entry.name].name}
-                for entry in self._catalog
-            },
-        }
-
-    async def releases_done(self) -> None:
-        """Wait until Redis has heard every release so far (they run off the answer's path)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def in_flight(self, backend: Backend) -> int:
-        """The backend's in-flight count across every replica (for tests and operators)."""
-        (count,) = await self._call("counts", backend.name)
-        return int(count or 0)
+    def _pump(self, state: ModelState) -> None:
+        """Redis pumps the global queues, in the scripts that free or add capacity."""
 
     # --- placement ------------------------------------------------------------------------
 
-    def _preferences(self, ticket: Ticket) -> tuple[list[list[Any]], dict[str, str]]:
-        """Backends the ticket may use, best first by the model's strategy, with its limit
-        on each; and why each was ranked where it is."""
-        strategy = self._strategies[ticket.model.name]
-        left = [b for b in ticket.model.backends if eligible(ticket, b)]
-        if ticket.routing_mode is RoutingMode.PRIVATE_FIRST:
-            own = [b for b in left if b.owner == ticket.organisation]
-            groups = [own, [b for b in left if b not in own]]
-        else:
-            groups = [left]
-        preferences: list[list[Any]] = []
-        reasons: dict[str, str] = {}
-        for group in groups:
-            while group:
-                backend, reason = strategy.choose(ticket, group)
-                group = [b for b in group if b is not backend]
-                preferences.append([backend.name, slot_limit(ticket, backend)])
-                reasons[backend.name] = reason
-        return preferences, reasons
+    def _preferences(self, ticket: Ticket, state: ModelState) -> str:
+        """The backends this ticket may use, best first, each with its limit for this ticket.
 
-    async def _wait(self, ticket: Ticket, member: str) -> str:
-        """Wait for the grant published for this ticket, or give its place up."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
-        early = self._early.pop(member, None)
-        if early is not None:
-            return early[0]
-        self._waiting[member] = future
-        timeout = ticket.model.config.queue_timeout_s - (self._clock() - ticket.enqueued_at)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.001))
-        except (TimeoutError, asyncio.CancelledError) as error:
-            if future.done() and not future.cancelled():  # granted just in time
-                if isinstance(error, TimeoutError):
-                    return future.result()
-                self._spawn(self._call("release", member, self._ttl_ms, QUEUE_SCAN))
-                raise
-            await self._give_up(ticket.model, member)
-            if isinstance(error, TimeoutError):
-                raise QueueTimeout(ticket.model.name) from None
-            raise
-        finally:
-            self._waiting.pop(member, None)
-
-    async def _give_up(self, model: ModelEntry, member: str) -> None:
-        """Leave the queue; a grant that raced with leaving is ended in the same script."""
-        with contextlib.suppress(SchedulerUnavailable):  # the lease would expire anyway
-            await self._call("withdraw", model.name, member, self._ttl_ms, QUEUE_SCAN)
-        self._early.pop(member, None)
-
-    def _lease(self, ticket: Ticket, member: str, backend_name: str, reason: str) -> Lease:
-        now = self._clock()
-        ticket.waited_s = now - ticket.enqueued_at
-        backend = self._backends[backend_name]
-        backend.circuit.on_send()
-        lease = Lease(
-            backend, ticket, acquired_at=now, renewed_at=now, reason=reason, lease_id=member
+        The strategy picks the first among those with room by this replica's
+        latest view of the counts; the others follow, own first under
+        private-first, then by load, so Redis can fall back when counts moved.
+        """
+        usable = [b for b in ticket.model.backends if allowed(ticket, b)]
+        candidates = [b for b in usable if may_take(ticket, b)]
+        own = [b for b in candidates if b.owner == ticket.organisation]
+        chosen: Backend | None = None
+        reason = "first with room when its turn came"
+        if ticket.routing_mode is RoutingMode.PRIVATE_FIRST and own:
+            chosen, why = state.strategy.choose(ticket, own)
+            reason = f"private first: {why}"
+        elif candidates:
+            chosen, reason = state.strategy.choose(ticket, candidates)
+        self._why[ticket] = (chosen, reason, len(candidates))
+        private_first = ticket.routing_mode is RoutingMode.PRIVATE_FIRST
+        rest = sorted(
+            (b for b in usable if b is not chosen),
+            key=lambda b: (not (private_first and b.owner == ticket.organisation), load_of(b)),
         )
-        self.leases.add(lease)
+        ordered = [chosen, *rest] if chosen is not None else rest
+        return "\n".join(
+            f"{b.name}{SEP}{effective_limit(ticket, b)}{SEP}{int(b.owner == ticket.organisation)}"
+            for b in ordered
+        )
+
+    def _lease(self, ticket: Ticket, state: ModelState, token: str) -> Lease:
+        backend = self._by_name[token.split(SEP)[1]]
+        chosen, reason, candidates = self._why.pop(ticket, (None, "", 0))
+        if backend is not chosen:
+            reason = "first with room when its turn came"
+        lease = self._record_grant(ticket, state, backend, reason, candidates, token=token)
         return lease
 
-    # --- Redis ----------------------------------------------------------------------------
+    # --- waiting --------------------------------------------------------------------------
 
-    async def _call(self, script: str, *args: Any) -> Any:
-        """Run one script; Redis errors become `SchedulerUnavailable`."""
+    async def _wait(self, ticket: Ticket, state: ModelState, ticket_id: str) -> Lease:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Lease] = loop.create_future()
+        ticket.future = future
+        self._waiting[ticket_id] = ticket
+        state.queue.push(ticket)
+        self._queue_changed(state)
+        timer = loop.call_later(ticket.model.config.queue_timeout_s, self._time_out, ticket_id)
+        early = self._early.pop(ticket_id, None)
+        if early is not None:
+            self._deliver(ticket_id, early)
         try:
-            reply = await self._scripts[script](args=[self._prefix, *args])
+            return await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(ticket_id, None) is not None:
+                self._abandon(ticket_id)
+            elif future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result(), ok=None)  # granted just as it was cancelled
+            raise
+        except NoBackendAvailable:  # its model left the catalog: leave the shared queue too
+            self._abandon(ticket_id)
+            raise
+        finally:
+            timer.cancel()
+            ticket.future = None
+            self._waiting.pop(ticket_id, None)
+            self._why.pop(ticket, None)
+            if state.queue.remove(ticket):
+                self._queue_changed(state)
+
+    def _deliver(self, ticket_id: str, token: str) -> None:
+        """A grant for one of this replica's tickets, from a script reply or the channel."""
+        ticket = self._waiting.pop(ticket_id, None)
+        if ticket is None or ticket.future is None or ticket.future.done():
+            if ticket is not None or ticket_id in self._abandoned:
+                self._spawn(self._end(token))
+            else:  # the acquire that queued it has not returned yet
+                self._early[ticket_id] = token
+                asyncio.get_running_loop().call_later(
+                    FORGET_AFTER_S, self._early.pop, ticket_id, None
+                )
+            return
+        state = self._states[ticket.model.name]
+        if state.queue.remove(ticket):
+            state.queue.served(ticket)
+            self._queue_changed(state)
+        ticket.future.set_result(self._lease(ticket, state, token))
+
+    def _time_out(self, ticket_id: str) -> None:
+        self._spawn(self._settle_ticket(ticket_id, timed_out=True))
+
+    def _abandon(self, ticket_id: str) -> None:
+        self._abandoned.add(ticket_id)
+        asyncio.get_running_loop().call_later(FORGET_AFTER_S, self._abandoned.discard, ticket_id)
+        self._spawn(self._quietly(self._settle_ticket(ticket_id, timed_out=True)))
+
+    async def _settle_ticket(self, ticket_id: str, *, timed_out: bool) -> None:
+        """Ask Redis where a waiting ticket stands; take it out of line if `timed_out`.
+
+        A grant that raced with the timeout is delivered (or given back when
+        the client left), never lost.
+        """
+        try:
+            status, _, token = await self._call("cancel", ticket_id, "1" if timed_out else "0")
+        except SchedulerUnavailable as error:
+            self._fail(ticket_id, error)
+            return
+        if status == "granted":
+            self._deliver(ticket_id, token)
+        elif status == "removed":
+            ticket = self._waiting.get(ticket_id)
+            self._fail(ticket_id, QueueTimeout(ticket.model.name if ticket else ""))
+        elif status == "missing":  # Redis lost it (restarted): answer 503 rather than hang
+            self._fail(ticket_id, SchedulerUnavailable("the shared queue lost this request"))
+
+    def _fail(self, ticket_id: str, error: Exception) -> None:
+        ticket = self._waiting.pop(ticket_id, None)
+        if ticket is not None and ticket.future is not None and not ticket.future.done():
+            ticket.future.set_exception(error)
+
+    def _undo_acquire(self, call: asyncio.Task[_Reply]) -> None:
+        """The client left while its acquire was in Redis: give back what it got."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        status, _, handle = call.result()
+        if status == "granted":
+            self._spawn(self._end(handle))
+        elif status == "queued":
+            token = self._early.pop(handle, None)
+            if token is not None:
+                self._spawn(self._end(token))
+            self._abandon(handle)
+
+    # --- background work ------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Grants for this replica's tickets, published by whichever replica freed a slot."""
+        channel = f"{self.prefix}g:{self.replica}"
+        lost = False
+        while True:
+            listener = aioredis.Redis.from_url(
+                self._url, decode_responses=True, socket_connect_timeout=1.0
+            )
+            pubsub = listener.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                if lost:  # grants may have been published while we were away
+                    for ticket_id in list(self._waiting):
+                        await self._settle_ticket(ticket_id, timed_out=False)
+                    lost = False
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        ticket_id, token = message["data"].split(SEP, 1)
+                        self._deliver(ticket_id, token)
+            except (RedisError, OSError):
+                lost = True
+                self._set_available(False)
+                for ticket_id in list(self._waiting):  # 503 now rather than at their timeout
+                    self._fail(ticket_id, SchedulerUnavailable("lost the shared scheduler"))
+                    self._abandon(ticket_id)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py lacks the hint
+                    await listener.aclose()
+
+    async def _renew(self) -> None:
+        """Push back the deadlines of this replica's leases; put back any Redis lost."""
+        tokens = [lease.token for lease in self.leases]
+        try:
+            _, registered, _ = await self._call("renew", *tokens)
+            if registered != "1":  # Redis lost its data (restarted)
+                await self._register(recovering=True)
+        except SchedulerUnavailable:
+            pass  # logged and counted by _call; the next round retries
+
+    async def _reap(self) -> None:
+        with contextlib.suppress(SchedulerUnavailable):
+            await self._call("reap")
+
+    async def _register(self, recovering: bool = False) -> None:
+        """Tell Redis which backends each model has, with their caps (for the pump).
+
+        `recovering`: Redis lost its data; it places nothing for the recovery window,
+        while every replica's renewal puts its live leases back.
+        """
+        args = [str(self._recovery_ms if recovering else 0)]
+        for entry in self.catalog:
+            owned = any(backend.owner for backend in entry.backends)
+            args += [entry.name, str(int(owned)), str(len(entry.backends))]
+            for backend in entry.backends:
+                args += [backend.name, str(backend.max_concurrency)]
+        await self._call("register", *args)
+
+    async def _end(self, token: str, circuit_opened_ms: int = 0) -> None:
+        with contextlib.suppress(SchedulerUnavailable):  # unrenewed, the reaper frees it
+            await self._call("release", token, str(circuit_opened_ms))
+
+    # --- Redis calls ----------------------------------------------------------------------
+
+    async def _call(self, op: str, *args: str) -> _Reply:
+        """Run one operation of the script; mirror the counts, deliver this replica's grants."""
+        try:
+            reply = await self._script(
+                keys=[], args=[op, self.prefix, self.replica, self._ttl_ms, *args]
+            )
         except (RedisError, OSError) as error:
             self._set_available(False)
-            raise SchedulerUnavailable(f"the shared scheduler is unreachable: {error}") from None
+            log.warning("shared scheduler unreachable during %s: %s", op, type(error).__name__)
+            raise SchedulerUnavailable(str(error)) from None
         self._set_available(True)
-        return reply
-
-    @staticmethod
-    def _mirror(backends: Sequence[Backend], counts: list[Any]) -> None:
-        """Keep the strategies' in-flight counts as the shared ones just read."""
-        for backend, count in zip(backends, counts, strict=True):
-            backend.in_flight = int(count or 0)
+        status, a, b, counts, grants, version, circuits = reply
+        if version > self._version:  # a reply overtaken by a later one has older counts
+            self._version = version
+            for i in range(0, len(counts), 2):
+                backend = self._by_name.get(counts[i])
+                if backend is not None:
+                    backend.in_flight = int(counts[i + 1])
+        for i in range(0, len(circuits), 2):  # opened by another replica: open here too
+            backend = self._by_name.get(circuits[i])
+            if backend is not None:
+                backend.circuit.open_for(int(circuits[i + 1]) / 1000)
+        for i in range(0, len(grants), 2):
+            self._deliver(str(grants[i]), grants[i + 1])
+        return str(status), str(a), str(b)
 
     def _set_available(self, available: bool) -> None:
-        if available != self.available:
-            self.available = available
+        if available != self._available:
+            self._available = available
+            self._version = 0  # a restarted Redis counts versions from zero again
             if available:
-                log.warning("the shared scheduler (Redis) answers again")
-            else:
-                log.error("the shared scheduler (Redis) is unreachable: requests get 503")
+                log.warning("shared scheduler reachable again")
             if self._on_availability is not None:
                 self._on_availability(available)
 
-    async def _register(self) -> None:
-        pairs = [
-            item
-            for entry in self._catalog
-            for backend in entry.backends
-            for item in (backend.name, entry.name)
-        ]
-        await self._call("register", *pairs)
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
 
-    async def _listen(self, subscribed: asyncio.Event) -> None:
-        """Resolve waiting tickets from this replica's grant channel; reconnect forever."""
-        channel = f"{self._prefix}:grant:{self.replica}"
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                subscribed.set()
-                self._set_available(True)
-                await self._renew()  # Redis may have restarted without our leases
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        member, backend = _text(message["data"]).split(" ", 1)
-                        self._granted(member, backend)
-            except (RedisError, OSError) as error:
-                self._set_available(False)
-                log.warning("grant channel lost (%s); reconnecting", type(error).__name__)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def _granted(self, member: str, backend: str) -> None:
-        future = self._waiting.get(member)
-        if future is not None and not future.done():
-            future.set_result(backend)
-        else:  # the acquire call has not registered yet: keep it for a moment
-            self._early[member] = (backend, self._clock())
-
-    async def _keep_up(self) -> None:
-        """Renew this replica's leases and reap everybody's expired ones, forever."""
-        while True:
-            await asyncio.sleep(self.lease_ttl_s / 3)
-            with contextlib.suppress(SchedulerUnavailable):
-                await self._renew()
-                await self._call("reap", self._ttl_ms, QUEUE_SCAN)
-            cutoff = self._clock() - 60
-            for member, (_, at) in list(self._early.items()):
-                if at < cutoff:
-                    del self._early[member]
-
-    async def _renew(self) -> None:
-        pairs = [item for lease in self.leases for item in (lease.lease_id, lease.backend.name)]
-        restored = await self._call("renew", self._ttl_ms, *pairs)
-        if restored:
-            log.warning("re-registered %d leases the shared scheduler had lost", restored)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(_quietly(coroutine))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    @staticmethod
+    async def _quietly(work: Awaitable[Any]) -> None:
+        with contextlib.suppress(SchedulerUnavailable):
+            await work
 
 
-async def _quietly(coroutine: Any) -> None:
-    with contextlib.suppress(SchedulerUnavailable):
-        await coroutine
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _key(key_id: int | None) -> str:
+    return "-" if key_id is None else str(key_id)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,12 +31,8 @@ from typing import Any
 
 from aiguillage.backends.backend import Backend
 from aiguillage.catalog.catalog import Catalog, ModelEntry
-from aiguillage.dispatch.dispatcher import (
-    NoBackendAvailable,
-    NoPrivateBackend,
-    QueueFull,
-    QueueTimeout,
-)
+from aiguillage.dispatch.dispatcher import NoBackendAvailable, QueueFull, QueueTimeout
+from aiguillage.dispatch.placement import check_servable, may_take
 from aiguillage.dispatch.queue import ModelQueue
 from aiguillage.dispatch.strategies import Strategy, load_of, make_strategy
 from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
@@ -48,7 +43,7 @@ DECISIONS_KEPT = 50
 
 
 @dataclass
-class _ModelState:
+class ModelState:
     model: ModelEntry
     strategy: Strategy
     queue: ModelQueue = field(default_factory=ModelQueue)
@@ -66,19 +61,45 @@ class LocalScheduler:
         clock: Callable[[], float] = time.monotonic,
         on_queue_change: Callable[[ModelEntry, ModelQueue], None] | None = None,
     ) -> None:
+        self.catalog = catalog
+        self._site = site
         self._clock = clock
         self._on_queue_change = on_queue_change
         self._seq = itertools.count(1)
-        self._states: dict[str, _ModelState] = {}
-        self._models_of: dict[Backend, list[_ModelState]] = {}
+        self._states: dict[str, ModelState] = {}
+        self._models_of: dict[Backend, list[ModelState]] = {}
         self.leases: set[Lease] = set()
-        for entry in catalog:
-            state = _ModelState(
-                entry, make_strategy(entry.config.routing_strategy, entry.backends, site)
-            )
+        self.catalog_changed()
+
+    def catalog_changed(self) -> None:
+        """The catalog's models or backends changed (`self.catalog` edited or replaced).
+
+        Models are re-indexed; a model that stays keeps its queue, decisions and,
+        when its backends are the same, its strategy (a round-robin keeps its turn).
+        Leases are untouched: they end on the backend they were granted on. Tickets
+        waiting for a model that disappeared fail with `NoBackendAvailable`.
+        """
+        previous = self._states
+        self._states = {}
+        self._models_of = {}
+        for entry in self.catalog:
+            strategy = make_strategy(entry.config.routing_strategy, entry.backends, self._site)
+            state = previous.pop(entry.name, None)
+            if state is None:
+                state = ModelState(entry, strategy)
+            elif (state.model.backends, state.strategy.name) != (entry.backends, strategy.name):
+                state.strategy = strategy
+            state.model = entry
             self._states[entry.name] = state
             for backend in entry.backends:
                 self._models_of.setdefault(backend, []).append(state)
+        for gone in previous.values():
+            for ticket in list(gone.queue.in_order()):
+                gone.queue.remove(ticket)
+                if ticket.future is not None and not ticket.future.done():
+                    ticket.future.set_exception(NoBackendAvailable(gone.model.name))
+        for state in self._states.values():
+            self._pump(state)
 
     # --- the Dispatcher interface ---------------------------------------------------------
 
@@ -130,6 +151,19 @@ class LocalScheduler:
             backend.circuit.on_failure()
         self.backend_changed(backend)
 
+    def in_flight(self, backend: Backend) -> int:
+        return backend.in_flight
+
+    async def start(self) -> None:
+        """Nothing to connect to: the state lives in this process."""
+
+    async def close(self) -> None:
+        """Nothing to disconnect."""
+
+    async def settled(self) -> None:
+        """Everything here is synchronous: one turn of the loop lets woken tasks run."""
+        await asyncio.sleep(0)
+
     def backend_changed(self, backend: Backend) -> None:
         """Capacity or health of a backend changed: its models' queues may move."""
         for state in self._models_of.get(backend, ()):
@@ -138,14 +172,11 @@ class LocalScheduler:
 
     # --- placement ------------------------------------------------------------------------
 
-    def _may_take(self, ticket: Ticket, backend: Backend) -> bool:
-        return eligible(ticket, backend) and backend.in_flight < slot_limit(ticket, backend)
-
     def _place(
-        self, ticket: Ticket, state: _ModelState, only: Sequence[Backend] | None = None
+        self, ticket: Ticket, state: ModelState, only: Sequence[Backend] | None = None
     ) -> tuple[Backend, str, int] | None:
         backends = only if only is not None else ticket.model.backends
-        candidates = [backend for backend in backends if self._may_take(ticket, backend)]
+        candidates = [backend for backend in backends if may_take(ticket, backend)]
         if not candidates:
             return None
         if ticket.routing_mode is RoutingMode.PRIVATE_FIRST:
@@ -157,13 +188,25 @@ class LocalScheduler:
         return backend, reason, len(candidates)
 
     def _grant(
-        self, ticket: Ticket, state: _ModelState, backend: Backend, reason: str, candidates: int
+        self, ticket: Ticket, state: ModelState, backend: Backend, reason: str, candidates: int
     ) -> Lease:
+        backend.in_flight += 1
+        return self._record_grant(ticket, state, backend, reason, candidates)
+
+    def _record_grant(
+        self,
+        ticket: Ticket,
+        state: ModelState,
+        backend: Backend,
+        reason: str,
+        candidates: int,
+        token: str = "",
+    ) -> Lease:
+        """The lease, the circuit's trial accounting and the decision log of one grant."""
         now = self._clock()
         ticket.waited_s = now - ticket.enqueued_at
-        backend.in_flight += 1
         backend.circuit.on_send()
-        lease = Lease(backend, ticket, acquired_at=now, renewed_at=now, reason=reason)
+        lease = Lease(backend, ticket, acquired_at=now, renewed_at=now, reason=reason, token=token)
         self.leases.add(lease)
         state.decisions.append(
             {
@@ -179,7 +222,7 @@ class LocalScheduler:
         )
         return lease
 
-    def _pump(self, state: _ModelState) -> None:
+    def _pump(self, state: ModelState) -> None:
         """Give free capacity to waiting tickets, in order; owners first on their backends."""
         queue = state.queue
         if not queue.size:
@@ -205,7 +248,7 @@ class LocalScheduler:
             self._queue_changed(state)
 
     def _hand_over(
-        self, ticket: Ticket, state: _ModelState, placed: tuple[Backend, str, int]
+        self, ticket: Ticket, state: ModelState, placed: tuple[Backend, str, int]
     ) -> bool:
         future = ticket.future
         if future is None or future.done():
@@ -216,16 +259,16 @@ class LocalScheduler:
         return True
 
     @staticmethod
-    def _has_room(state: _ModelState) -> bool:
+    def _has_room(state: ModelState) -> bool:
         return any(b.in_flight < b.max_concurrency and b.usable() for b in state.model.backends)
 
-    def _expire(self, ticket: Ticket, state: _ModelState) -> None:
+    def _expire(self, ticket: Ticket, state: ModelState) -> None:
         if state.queue.remove(ticket):
             self._queue_changed(state)
             if ticket.future is not None and not ticket.future.done():
                 ticket.future.set_exception(QueueTimeout(ticket.model.name))
 
-    def _queue_changed(self, state: _ModelState) -> None:
+    def _queue_changed(self, state: ModelState) -> None:
         if self._on_queue_change is not None:
             self._on_queue_change(state.model, state.queue)
 
@@ -284,57 +327,3 @@ class LocalScheduler:
             for name, state in self._states.items()
         }
         return {"models": models, "backends": backends}
-
-
-def slot_limit(ticket: Ticket, backend: Backend) -> int:
-    """How many of our requests this backend may hold when this ticket is added: its
-    capacity less the slots reserved for its owner and for critical models, and under
-    the parallel-threshold policy only the share of the ticket's priority level."""
-    owner = backend.owner is not None and backend.owner == ticket.organisation
-    limit = backend.max_concurrency
-    if not owner:
-        limit -= backend.owner_reserved
-    config = ticket.model.config
-    if not config.critical:
-        limit -= backend.reserved_for_critical
-    if config.qos.policy == "parallel-threshold" and not owner:
-        share = config.qos.share_for(ticket.priority)
-        limit = min(limit, max(1, math.floor(share * backend.max_concurrency)))
-    return limit
-
-
-def eligible(ticket: Ticket, backend: Backend) -> bool:
-    """Whether the ticket may go to this backend at all, capacity aside: not already tried,
-    usable, allowed by the key's routing mode and by the `performance` QoS policy."""
-    if backend in ticket.exclude or not backend.usable():
-        return False
-    if ticket.routing_mode is RoutingMode.PRIVATE_ONLY and backend.owner != ticket.organisation:
-        return False
-    qos = ticket.model.config.qos
-    if (
-        qos.policy == "performance"
-        and ticket.priority < qos.protected_priority
-        and backend.owner != ticket.organisation
-        and backend.in_flight > 0  # an idle backend is always fast enough
-    ):
-        ttft = backend.ttft_ewma_s
-        signals = backend.load
-        if ttft is None and signals is not None:
-            ttft = signals.ttft_p95_s
-        if ttft is not None and ttft > qos.ttft_target_s:
-            return False
-        waiting = signals.waiting if signals is not None else None
-        if waiting is not None and waiting > qos.engine_queue_target:
-            return False
-    return True
-
-
-def check_servable(ticket: Ticket) -> None:
-    """Fail at once when no backend could ever take the ticket, rather than queue it."""
-    backends = [b for b in ticket.model.backends if b not in ticket.exclude]
-    if ticket.routing_mode is RoutingMode.PRIVATE_ONLY:
-        backends = [b for b in backends if b.owner == ticket.organisation]
-        if not any(b.owner == ticket.organisation for b in ticket.model.backends):
-            raise NoPrivateBackend(ticket.model.name)
-    if not any(backend.usable() for backend in backends):
-        raise NoBackendAvailable(ticket.model.name)

@@ -50,7 +50,7 @@ class Lease:
     renewed_at: float = field(default_factory=time.monotonic)
     released: bool = False
     reason: str = ""  # why this backend, for /admin/dispatch
-    lease_id: str = ""  # the shared scheduler's name for it
+    token: str = ""  # the shared engine's name for this lease (Redis: its member in the lease set)
 
     def renew(self, now: float) -> None:
         """Called as a stream progresses, so long answers keep their lease."""

@@ -112,7 +112,7 @@ class GatewayMetrics:
         )
         self.scheduler_unavailable = Gauge(
             "aiguillage_scheduler_unavailable",
-            "1 while the shared scheduler (Redis) does not answer: requests get 503 (alert).",
+            "1 while the shared scheduler (Redis) cannot be reached: requests get 503 at once.",
             registry=r,
             multiprocess_mode="livemax",
         )

@@ -1,0 +1,33 @@
+"""The circuit breaker, and a circuit opened elsewhere (another gateway replica)."""
+
+from __future__ import annotations
+
+from aiguillage.backends.circuit import CircuitBreaker, CircuitState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_opened_elsewhere_stays_open_for_the_time_left_then_allows_a_trial() -> None:
+    clock = Clock()
+    circuit = CircuitBreaker(failure_threshold=3, open_s=10, clock=clock)
+    circuit.open_for(4)
+    assert circuit.state is CircuitState.OPEN and not circuit.allows()
+    clock.now += 3.9
+    assert not circuit.allows()
+    clock.now += 0.2
+    assert circuit.state is CircuitState.HALF_OPEN and circuit.allows()
+
+
+def test_opened_elsewhere_does_not_disturb_a_circuit_already_open_or_trying() -> None:
+    clock = Clock()
+    circuit = CircuitBreaker(failure_threshold=1, open_s=10, clock=clock)
+    circuit.on_failure()
+    clock.now += 10  # half-open: its own trial decides
+    circuit.open_for(5)
+    assert circuit.state is CircuitState.HALF_OPEN
