@@ -120,3 +120,15 @@ usage = Table(
     Index("ix_usage_organisation_started_at", "organisation", "started_at"),
     Index("ix_usage_model_started_at", "model", "started_at"),
 )
+
+# Servers added or removed at run time through the admin API, on top of the
+# configuration file: every replica applies them at start and when notified.
+# `config` NULL means "removed" (a server of the file that must not be used).
+catalog_servers = Table(
+    "catalog_servers",
+    metadata,
+    Column("model", String(256), primary_key=True),
+    Column("url", String(2048), primary_key=True),
+    Column("config", JSON(none_as_null=True), nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
