@@ -44,7 +44,9 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 
 class RunningGateway:
     def __init__(self, settings: dict[str, Any], workdir: Path) -> None:
-        self.database_url = f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+        self.database_url = settings.get(
+            "database_url", f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+        )
         settings = {"database_url": self.database_url, **settings}
         (workdir / "config.yaml").write_text(yaml.safe_dump(settings))
         self.config_path = workdir / "config.yaml"

@@ -315,11 +315,21 @@ class SignalScraper:
         *,
         timeout_s: float | None = None,
     ) -> None:
-        self._tracked = [_Tracked(target) for target in targets if has_metrics(target.engine)]
+        self._tracked: list[_Tracked] = []
+        self.track(targets)
         self._fetch = fetch
         self._timeout = interval_s if timeout_s is None else timeout_s
         self._clock = clock
         self._periodic = Periodic("signal-scraper", self.scrape_once, interval_s)
+
+    def track(self, targets: Sequence[ScrapeTarget]) -> None:
+        """Scrape these targets from now on; those already tracked keep their last sample."""
+        known = {id(tracked.target): tracked for tracked in self._tracked}
+        self._tracked = [
+            known.get(id(target)) or _Tracked(target)
+            for target in targets
+            if has_metrics(target.engine)
+        ]
 
     @property
     def targets(self) -> list[ScrapeTarget]:

@@ -127,7 +127,9 @@ class _BackendFactory:
                     server,
                     connect_timeout_s=config.connect_timeout_s,
                     read_timeout_s=config.first_byte_timeout_s,
-                    circuit=CircuitBreaker(config.circuit_failures, config.circuit_open_s, self._clock),
+                    circuit=CircuitBreaker(
+                        config.circuit_failures, config.circuit_open_s, self._clock
+                    ),
                 )
             found.append(self._made[key])
         return tuple(found)

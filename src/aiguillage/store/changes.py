@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 CHANNEL = "aiguillage_changes"
 RECONNECT_DELAY_S = 1.0
+PING_INTERVAL_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +83,31 @@ class ChangeListener:
 
     async def _run(self) -> None:
         while True:
-            lost = asyncio.Event()
             try:
-                connection = await asyncpg.connect(self._dsn, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-                log.warning("change listener cannot connect: %s", type(error).__name__)
-                await asyncio.sleep(RECONNECT_DELAY_S)
-                continue
-            try:
-                connection.add_termination_listener(lambda _connection: lost.set())
-                await connection.add_listener(CHANNEL, self._received)
-                await self._resync()  # whatever changed while we were not listening
-                self.connected.set()
-                await lost.wait()
-                log.warning("change listener lost its connection; reconnecting")
+                await self._listen_once()
             except Exception as error:  # a failed resync too: retry on a fresh connection
                 log.warning("change listener failed: %s", type(error).__name__)
-            finally:
-                self.connected.clear()
-                connection.terminate()
             await asyncio.sleep(RECONNECT_DELAY_S)
+
+    async def _listen_once(self) -> None:
+        """Connect, listen, resync, then wait until the connection is lost."""
+        connection = await asyncpg.connect(self._dsn, timeout=5)
+        lost = asyncio.Event()
+        try:
+            connection.add_termination_listener(lambda _connection: lost.set())
+            await connection.add_listener(CHANNEL, self._received)
+            await self._resync()  # whatever changed while we were not listening
+            self.connected.set()
+            while not lost.is_set():  # a silent network cut shows as a failed ping
+                try:
+                    async with asyncio.timeout(PING_INTERVAL_S):
+                        await lost.wait()
+                except TimeoutError:
+                    await connection.execute("SELECT 1", timeout=PING_INTERVAL_S)
+            log.warning("change listener lost its connection; reconnecting")
+        finally:
+            self.connected.clear()
+            connection.terminate()
 
     def _received(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
         change = parse_change(payload)
