@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -59,6 +60,20 @@ def _status(gateway: RunningGateway, key: str) -> int:
     ).status_code
 
 
+def _refuses(gateway: RunningGateway, key: str) -> bool:
+    return _status(gateway, key) == 401
+
+
+def _routes_only_to(
+    fake_engine: FakeEngine, gateway: RunningGateway, key: str, modes: set[str]
+) -> bool:
+    return _backend_of_next_requests(fake_engine, gateway, key, 4) <= modes
+
+
+def _routes_to(fake_engine: FakeEngine, gateway: RunningGateway, key: str, mode: str) -> bool:
+    return mode in _backend_of_next_requests(fake_engine, gateway, key, 2)
+
+
 def _backend_of_next_requests(
     fake_engine: FakeEngine, gateway: RunningGateway, key: str, count: int
 ) -> set[str]:
@@ -86,7 +101,7 @@ def test_a_key_revoked_on_one_replica_is_refused_by_the_others_within_1s(
     )
     assert response.status_code == 200
     for gateway in others:
-        _within(PROPAGATION_S, lambda gateway=gateway: _status(gateway, user) == 401)
+        _within(PROPAGATION_S, partial(_refuses, gateway, user))
 
 
 def test_a_key_revoked_by_the_cli_store_call_reaches_every_replica_within_1s(
@@ -96,7 +111,7 @@ def test_a_key_revoked_by_the_cli_store_call_reaches_every_replica_within_1s(
     assert [_status(gateway, user) for gateway in replicas] == [200, 200, 200]
     replicas[0].revoke_key(record.id)  # what `aiguillage keys revoke` does: no gateway involved
     for gateway in replicas:
-        _within(PROPAGATION_S, lambda gateway=gateway: _status(gateway, user) == 401)
+        _within(PROPAGATION_S, partial(_refuses, gateway, user))
 
 
 def test_a_server_added_on_one_replica_is_used_by_the_others_within_1s(
@@ -112,12 +127,7 @@ def test_a_server_added_on_one_replica_is_used_by_the_others_within_1s(
     )
     assert response.status_code == 201
     for gateway in others:
-        _within(
-            PROPAGATION_S,
-            lambda gateway=gateway: (
-                "replica-second" in _backend_of_next_requests(fake_engine, gateway, user, 2)
-            ),
-        )
+        _within(PROPAGATION_S, partial(_routes_to, fake_engine, gateway, user, "replica-second"))
 
     removed = httpx.delete(
         f"{first.url}/admin/models/chat/servers/{fake_engine.url('replica-first')}",
@@ -126,10 +136,7 @@ def test_a_server_added_on_one_replica_is_used_by_the_others_within_1s(
     assert removed.status_code == 200
     for gateway in others:
         _within(
-            PROPAGATION_S,
-            lambda gateway=gateway: (
-                _backend_of_next_requests(fake_engine, gateway, user, 2) == {"replica-second"}
-            ),
+            PROPAGATION_S, partial(_routes_only_to, fake_engine, gateway, user, {"replica-second"})
         )
 
     late = tmp_path / "late"
