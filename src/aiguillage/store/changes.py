@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 CHANNEL = "aiguillage_changes"
+APPLICATION_NAME = "aiguillage-change-listener"  # how operators spot it in pg_stat_activity
 RECONNECT_DELAY_S = 1.0
 PING_INTERVAL_S = 5.0
 
@@ -91,7 +92,9 @@ class ChangeListener:
 
     async def _listen_once(self) -> None:
         """Connect, listen, resync, then wait until the connection is lost."""
-        connection = await asyncpg.connect(self._dsn, timeout=5)
+        connection = await asyncpg.connect(
+            self._dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME}
+        )
         lost = asyncio.Event()
         try:
             connection.add_termination_listener(lambda _connection: lost.set())
