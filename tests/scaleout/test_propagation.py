@@ -15,11 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from aiguillage.store.changes import APPLICATION_NAME
 from tests.fakes.engine import FakeEngine
 from tests.harness import RunningGateway
-from tests.store.pg import create_database, drop_database
+from tests.store.pg import create_database, drop_database, fetch, run_in_thread
 
 PROPAGATION_S = 1.0
+RESYNC_S = 5.0  # the listener reconnects after 1 s, then reloads
 CHAT = [{"role": "user", "content": "Hello"}]
 
 
@@ -148,3 +150,22 @@ def test_a_server_added_on_one_replica_is_used_by_the_others_within_1s(
         assert _backend_of_next_requests(fake_engine, latecomer, user, 3) == {"replica-second"}
     finally:
         latecomer.stop()
+
+
+def test_a_replica_that_lost_its_listener_resyncs_from_the_database(
+    replicas: list[RunningGateway],
+) -> None:
+    user, record = replicas[0].create_key()
+    assert [_status(gateway, user) for gateway in replicas] == [200, 200, 200]
+    dsn = replicas[0].database_url.replace("+asyncpg", "")
+    run_in_thread(
+        fetch(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = current_database()",
+            APPLICATION_NAME,
+        )
+    )
+    replicas[0].revoke_key(record.id)  # its notice may reach nobody: all are reconnecting
+    for gateway in replicas:
+        _within(RESYNC_S, partial(_refuses, gateway, user))
