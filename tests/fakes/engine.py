@@ -34,6 +34,8 @@ class EngineLog:
     requests: list[Seen] = field(default_factory=list)
     cancelled_streams: int = 0
     completed_streams: int = 0
+    in_flight: int = 0  # inference requests being answered now, all modes together
+    max_in_flight: int = 0  # the most ever answered at once: what a concurrency cap bounds
 
     def last(self) -> Seen:
         return self.requests[-1]
@@ -128,6 +130,14 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": []})
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
+        self.log.in_flight += 1
+        self.log.max_in_flight = max(self.log.max_in_flight, self.log.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.log.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         mode = request.match_info["mode"]
         raw = await request.read()
         body = orjson.loads(raw)
