@@ -1,12 +1,14 @@
 """Scale-out benchmark: throughput of 1 vs 3 gateway replicas behind HAProxy (TCP mode).
 
-    python bench/scaleout/run.py [--duration 10] [--conns 64] [--scheduler-url redis://...]
+    python bench/scaleout/run.py [--duration 10] [--conns 64] [--rate R] [--scheduler-url URL]
 
 The engine is nginx answering a fixed chat completion (almost no CPU), so the
 gateways are what is measured. Replicas share one PostgreSQL database (the local
 server, database `aiguillage_bench_scaleout`, recreated each run). With
 `--scheduler-url` they also share the Redis scheduler; without, each replica
-schedules locally. Load: bench/out/loadgen in closed loop through HAProxy.
+schedules locally. Load: bench/out/loadgen through HAProxy, closed loop for
+throughput or at `--rate` req/s for latency (the Redis engine's added latency
+is the p50 difference at one fixed rate with and without `--scheduler-url`).
 Besides throughput and latency, it reads each replica's CPU time from /proc,
 which gives the CPU cost per request used to estimate what more cores would do.
 Everything listens on 127.0.0.1; every process started is stopped at the end.
@@ -248,6 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--conns", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=0.0, help="req/s; 0 = closed loop")
     parser.add_argument("--replicas", default="1,3")
     parser.add_argument("--scheduler-url", default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scaleout.json")
