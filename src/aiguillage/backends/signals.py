@@ -316,6 +316,7 @@ class SignalScraper:
         timeout_s: float | None = None,
     ) -> None:
         self._tracked: list[_Tracked] = []
+        self._started = False
         self.track(targets)
         self._fetch = fetch
         self._timeout = interval_s if timeout_s is None else timeout_s
@@ -330,6 +331,8 @@ class SignalScraper:
             for target in targets
             if has_metrics(target.engine)
         ]
+        if self._started and self._tracked:  # the first engine with metrics came at run time
+            self._periodic.start()
 
     @property
     def targets(self) -> list[ScrapeTarget]:
@@ -363,8 +366,10 @@ class SignalScraper:
         tracked.stale = target.load_stale = False
 
     def start(self) -> None:
+        self._started = True
         if self._tracked:
             self._periodic.start()
 
     async def stop(self) -> None:
+        self._started = False
         await self._periodic.stop()
