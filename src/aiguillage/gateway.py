@@ -215,6 +215,9 @@ class Gateway:
         self._maintenance.start()
 
     async def stop(self) -> None:
+        for task in self._syncs:
+            task.cancel()
+        await asyncio.gather(*self._syncs, return_exceptions=True)
         await self._maintenance.stop()
         await self.prober.stop()
         await self.scraper.stop()
