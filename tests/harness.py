@@ -46,7 +46,11 @@ class RunningGateway:
     def __init__(
         self, settings: dict[str, Any], workdir: Path, database_url: str | None = None
     ) -> None:
-        self.database_url = database_url or f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+        self.database_url = (
+            database_url
+            or settings.get("database_url")
+            or f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+        )
         settings = {"database_url": self.database_url, **settings}
         (workdir / "config.yaml").write_text(yaml.safe_dump(settings))
         self.config_path = workdir / "config.yaml"

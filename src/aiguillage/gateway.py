@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from aiguillage.accounting.ledger import UsageLedger, UsageSink
 from aiguillage.accounting.usage import UsageRecord
@@ -15,11 +16,12 @@ from aiguillage.backends.periodic import Periodic
 from aiguillage.backends.relay import Relay
 from aiguillage.backends.signals import SignalScraper
 from aiguillage.catalog.catalog import Catalog, ModelEntry
-from aiguillage.catalog.config import GatewayConfig
+from aiguillage.catalog.config import GatewayConfig, ServerConfig
 from aiguillage.dispatch.queue import ModelQueue
 from aiguillage.dispatch.redis_scheduler import RedisScheduler
 from aiguillage.dispatch.scheduler import LocalScheduler
 from aiguillage.observability.metrics import GatewayMetrics
+from aiguillage.store.changes import Change
 
 if TYPE_CHECKING:
     from aiguillage.store.database import Database
@@ -27,6 +29,20 @@ if TYPE_CHECKING:
 MAINTENANCE_INTERVAL_S = 5.0
 
 log = logging.getLogger(__name__)
+
+KeyRevoker = Callable[[int], Awaitable[bool]]
+
+
+class ServerStore(Protocol):
+    """Where run-time server additions and removals are kept (store.servers)."""
+
+    async def put(self, model: str, url: str, server: ServerConfig | None) -> None: ...
+
+    async def all(self) -> Mapping[str, Mapping[str, ServerConfig | None]]: ...
+
+
+class UnknownTarget(LookupError):
+    """No such model, or no such server of that model."""
 
 
 class Gateway:
@@ -39,8 +55,14 @@ class Gateway:
         key_lookup: KeyLookup,
         usage_sink: UsageSink,
         metrics: GatewayMetrics | None = None,
+        revoke_key: KeyRevoker | None = None,
+        servers: ServerStore | None = None,
     ) -> None:
         self.config = config
+        self._revoke_key = revoke_key
+        self._servers = servers
+        self._catalog_lock = asyncio.Lock()
+        self._syncs: set[asyncio.Task[None]] = set()
         self.metrics = metrics or GatewayMetrics()
         self.catalog = Catalog.from_config(config)
         self.authenticator = Authenticator(key_lookup, config.key_cache_ttl_s)
@@ -53,6 +75,8 @@ class Gateway:
                 site=config.site,
                 on_queue_change=self._queue_changed,
                 on_availability=lambda up: self.metrics.scheduler_unavailable.set(0 if up else 1),
+                lease_ttl_s=config.scheduler_lease_ttl_s,
+                renew_interval_s=config.scheduler_lease_ttl_s / 4,
             )
         )
         self.relay = Relay(self.scheduler, self.metrics)
@@ -69,10 +93,10 @@ class Gateway:
             timeout_s=config.connect_timeout_s,
             on_probe=self._probed,
         )
-        by_url = {backend.metrics_url: backend for backend in self.catalog.backends()}
+        self._by_metrics_url = {b.metrics_url: b for b in self.catalog.backends()}
         self.scraper = SignalScraper(
             self.catalog.backends(),
-            lambda url: by_url[url].fetch_metrics(url),
+            lambda url: self._by_metrics_url[url].fetch_metrics(url),
             config.signals_interval_s,
         )
         self._maintenance = Periodic("gateway-maintenance", self._maintain, MAINTENANCE_INTERVAL_S)
@@ -104,6 +128,78 @@ class Gateway:
             if entry.config.critical
         }
 
+    # --- run-time changes (admin API, other replicas) ---------------------------------------
+
+    async def revoke_key(self, key_id: int) -> bool:
+        """Revoke a key in the database; other replicas hear of it through the store's notice."""
+        if self._revoke_key is None:
+            raise RuntimeError("this gateway has no key store")
+        found = await self._revoke_key(key_id)
+        self.authenticator.forget()  # this process, at once, whatever the notice does
+        return found
+
+    async def add_server(self, model: str, server: ServerConfig) -> None:
+        """Give `model` one more server, on every replica and across restarts."""
+        await self._put_server(model, server.base_url, server)
+
+    async def remove_server(self, model: str, name_or_url: str) -> None:
+        """Stop routing `model` to the server with this backend name or URL."""
+        entry = self.catalog.resolve(model)
+        wanted = name_or_url.rstrip("/")
+        backend = (
+            next((b for b in entry.backends if wanted in (b.name, b.base_url)), None)
+            if entry is not None
+            else None
+        )
+        if backend is None:
+            raise UnknownTarget(f"model {model!r} has no server {name_or_url!r}")
+        await self._put_server(model, backend.base_url, None)
+
+    async def _put_server(self, model: str, url: str, server: ServerConfig | None) -> None:
+        entry = self.catalog.resolve(model)
+        if entry is None:
+            raise UnknownTarget(f"no model {model!r}")
+        if self._servers is None:
+            raise RuntimeError("this gateway has no catalog store")
+        await self._servers.put(entry.name, url, server)
+        await self.sync_catalog()
+
+    async def sync_catalog(self) -> None:
+        """Apply the stored server overrides; re-index what depends on the backends."""
+        if self._servers is None:
+            return
+        async with self._catalog_lock:
+            overrides = await self._servers.all()
+            if not self.catalog.apply_overrides(overrides):
+                return
+            backends = self.catalog.backends()
+            new = [b for b in backends if b.metrics_url not in self._by_metrics_url]
+            self._by_metrics_url.update({b.metrics_url: b for b in backends})
+            self.prober.track(backends)
+            self.scraper.track(backends)
+            self.scheduler.catalog_changed()  # re-index: prefix rings, backend -> models
+            await asyncio.gather(*(self.prober.probe(backend) for backend in new))
+            log.info("catalog changed: %d backends", len(backends))
+
+    def changed(self, change: Change) -> None:
+        """A notice from a replica (this one included): apply it here."""
+        if change.kind == "key_revoked":
+            self.authenticator.forget(change.key_hash)
+        elif change.kind == "catalog":
+            task = asyncio.create_task(self.sync_catalog(), name="catalog-sync")
+            self._syncs.add(task)
+            task.add_done_callback(self._sync_done)
+
+    async def resync(self) -> None:
+        """After notices may have been missed: forget every cached key, reload the catalog."""
+        self.authenticator.forget()
+        await self.sync_catalog()
+
+    def _sync_done(self, task: asyncio.Task[None]) -> None:
+        self._syncs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("catalog reload failed", exc_info=task.exception())
+
     def _probed(self, backend: Backend, up: bool) -> None:
         backend.circuit.on_probe(up)
         self.metrics.circuit_open.labels(backend.name).set(0 if backend.circuit.allows() else 1)
@@ -131,6 +227,9 @@ class Gateway:
         self._maintenance.start()
 
     async def stop(self) -> None:
+        for task in self._syncs:
+            task.cancel()
+        await asyncio.gather(*self._syncs, return_exceptions=True)
         await self._maintenance.stop()
         await self.scheduler.close()
         await self.prober.stop()
@@ -144,15 +243,28 @@ class Gateway:
 
 async def open_gateway(config: GatewayConfig) -> Gateway:
     """A gateway on the configured database, migrated to the latest schema."""
+    from aiguillage.store.changes import ChangeListener
     from aiguillage.store.database import Database
     from aiguillage.store.keys import KeyRepository
+    from aiguillage.store.servers import ServerOverrides
     from aiguillage.store.usage import UsageRepository
 
     database = Database(config.resolved_database_url())
     await database.upgrade()
     keys = KeyRepository(database)
     usage = UsageRepository(database)
-    gateway = Gateway(config, key_lookup=keys.get_by_hash, usage_sink=usage.insert_many)
+    gateway = Gateway(
+        config,
+        key_lookup=keys.get_by_hash,
+        usage_sink=usage.insert_many,
+        revoke_key=keys.revoke,
+        servers=ServerOverrides(database),
+    )
     gateway.database = database
+    await gateway.sync_catalog()
+    if not database.is_sqlite:  # replicas share PostgreSQL: hear each other's changes
+        listener = ChangeListener(database.url, gateway.changed, gateway.resync)
+        listener.start()
+        gateway.closers.append(listener.stop)
     gateway.closers.append(database.dispose)
     return gateway

@@ -322,3 +322,20 @@ async def test_nothing_to_scrape_starts_no_task() -> None:
     scraper.start()
     assert not [task for task in asyncio.all_tasks() if task.get_name() == "signal-scraper"]
     await scraper.stop()
+
+
+async def test_an_engine_with_metrics_added_at_run_time_gets_scraped() -> None:
+    ollama = Target("c:11434", "ollama", "http://c/metrics")
+    vllm = Target("a:8000", "vllm", "http://a/metrics")
+    scraped = asyncio.Event()
+
+    async def fetch(url: str) -> str:
+        scraped.set()
+        return fixture("vllm_scrape1.txt")
+
+    scraper = SignalScraper([ollama], fetch, interval_s=0.01)
+    scraper.start()  # nothing to scrape yet: no task
+    scraper.track([ollama, vllm])
+    assert scraper.targets == [vllm]
+    await asyncio.wait_for(scraped.wait(), timeout=5)
+    await scraper.stop()

@@ -145,3 +145,66 @@ def test_backend_name_is_host_and_port() -> None:
 
 def test_backend_without_token_sends_no_authorization() -> None:
     assert backend("http://h:8000").auth_headers == []
+
+
+def _urls(catalog: Catalog, model: str) -> list[str]:
+    entry = catalog.resolve(model)
+    assert entry is not None
+    return [backend.base_url for backend in entry.backends]
+
+
+def test_overrides_add_and_remove_servers_on_top_of_the_configured_ones(catalog: Catalog) -> None:
+    kept = catalog.resolve("llama")
+    assert kept is not None
+    gpu2 = kept.backends[1]
+    changed = catalog.apply_overrides(
+        {
+            "llama": {
+                "http://gpu1:8000/v1": None,
+                "http://gpu4:8000": ServerConfig(url="http://gpu4:8000"),  # type: ignore[arg-type]
+            }
+        }
+    )
+    assert changed
+    assert _urls(catalog, "llama") == ["http://gpu2:8000/v1", "http://gpu4:8000"]
+    assert kept.backends[0] is gpu2  # a backend that stays keeps its state
+    assert _urls(catalog, "mistral") == ["http://gpu1:8000/v1"]  # other models untouched
+    assert len(catalog.backends()) == 4
+
+
+def test_overrides_are_applied_from_the_configuration_not_cumulatively(catalog: Catalog) -> None:
+    catalog.apply_overrides({"qwen": {"http://gpu3:8000": None}})
+    assert _urls(catalog, "qwen") == []
+    assert catalog.apply_overrides({}) is True  # the removal was undone in the database
+    assert _urls(catalog, "qwen") == ["http://gpu3:8000"]
+    assert catalog.apply_overrides({}) is False
+
+
+def test_a_critical_model_reserves_slots_on_added_servers_and_frees_removed_ones() -> None:
+    catalog = Catalog.from_config(
+        parse_config(
+            {
+                "models": [
+                    {
+                        "name": "critical",
+                        "critical": True,
+                        "reserved_concurrency": 2,
+                        "servers": [{"url": "http://gpu1:8000"}],
+                    }
+                ]
+            }
+        )
+    )
+    entry = catalog.resolve("critical")
+    assert entry is not None
+    first = entry.backends[0]
+    catalog.apply_overrides(
+        {
+            "critical": {
+                "http://gpu1:8000": None,
+                "http://gpu2:8000": ServerConfig(url="http://gpu2:8000"),  # type: ignore[arg-type]
+            }
+        }
+    )
+    assert first.reserved_for_critical == 0
+    assert entry.backends[0].reserved_for_critical == 2

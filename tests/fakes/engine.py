@@ -34,8 +34,8 @@ class EngineLog:
     requests: list[Seen] = field(default_factory=list)
     cancelled_streams: int = 0
     completed_streams: int = 0
-    in_flight: int = 0  # requests being answered now
-    most_in_flight: int = 0  # the most at any moment: what a concurrency cap must bound
+    in_flight: int = 0  # inference requests being answered now, all modes together
+    max_in_flight: int = 0  # the most ever answered at once: what a concurrency cap bounds
 
     def last(self) -> Seen:
         return self.requests[-1]
@@ -131,7 +131,7 @@ class FakeEngine:
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         self.log.in_flight += 1
-        self.log.most_in_flight = max(self.log.most_in_flight, self.log.in_flight)
+        self.log.max_in_flight = max(self.log.max_in_flight, self.log.in_flight)
         try:
             return await self._answer(request)
         finally:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import orjson
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -17,13 +18,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aiguillage.api.asgi import Receive, Scope, Send
-from aiguillage.api.errors import ApiError, forbidden, not_found
+from aiguillage.api.errors import ApiError, forbidden, invalid_request, not_found
 from aiguillage.api.inference import InferenceEndpoint
 from aiguillage.api.jobs import JobsApi
 from aiguillage.api.transcription import TRANSCRIPTIONS_PATH, TranscriptionEndpoint
 from aiguillage.auth.identity import ApiKeyRecord
-from aiguillage.catalog.config import GatewayConfig
-from aiguillage.gateway import Gateway, open_gateway
+from aiguillage.catalog.config import GatewayConfig, ServerConfig
+from aiguillage.gateway import Gateway, UnknownTarget, open_gateway
 from aiguillage.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ class AiguillageApp:
                 Route("/metrics", self._metrics, methods=["GET"]),
                 Route("/admin/dispatch", self._admin_dispatch, methods=["GET"]),
                 *self.jobs_api.routes(),
+                Route("/admin/keys/{key_id:int}/revoke", self._admin_revoke, methods=["POST"]),
+                Route(
+                    "/admin/models/{model:path}/servers", self._admin_add_server, methods=["POST"]
+                ),
+                Route(
+                    "/admin/models/{model:path}/servers/{server:path}",
+                    self._admin_remove_server,
+                    methods=["DELETE"],
+                ),
             ],
             exception_handlers={
                 ApiError: _api_error_response,
@@ -140,6 +150,40 @@ class AiguillageApp:
         await self._admin(request)
         return _json(self.gateway.scheduler.explain())
 
+    async def _admin_revoke(self, request: Request) -> Response:
+        """Revoke a key on every replica (through the database's change notice)."""
+        await self._admin(request)
+        key_id: int = request.path_params["key_id"]
+        if not await self.gateway.revoke_key(key_id):
+            raise not_found(f"No API key with id {key_id}.", param="key_id", code="key_not_found")
+        return _json({"id": key_id, "revoked": True})
+
+    async def _admin_add_server(self, request: Request) -> Response:
+        """Add a server to a model, on every replica and across restarts."""
+        await self._admin(request)
+        model = request.path_params["model"]
+        server = _server_config(await request.body())
+        try:
+            await self.gateway.add_server(model, server)
+        except UnknownTarget as error:
+            raise not_found(str(error), param="model") from None
+        return _json(self._servers_of(model), status=201)
+
+    async def _admin_remove_server(self, request: Request) -> Response:
+        """Stop routing a model to one of its servers (by backend name or URL)."""
+        await self._admin(request)
+        model = request.path_params["model"]
+        try:
+            await self.gateway.remove_server(model, request.path_params["server"])
+        except UnknownTarget as error:
+            raise not_found(str(error), code="server_not_found") from None
+        return _json(self._servers_of(model))
+
+    def _servers_of(self, model: str) -> dict[str, object]:
+        entry = self.gateway.catalog.resolve(model)
+        servers = [] if entry is None else [backend.base_url for backend in entry.backends]
+        return {"model": model, "servers": servers}
+
     async def _list_models(self, request: Request) -> Response:
         identity = await self._identity(request)
         data = [entry.as_openai() for entry in self.gateway.catalog.visible_to(identity)]
@@ -167,6 +211,16 @@ class AiguillageApp:
     async def _metrics(self, request: Request) -> Response:
         metrics = self.gateway.metrics
         return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def _server_config(body: bytes) -> ServerConfig:
+    """The request body as a `ServerConfig`, or a 400 that says which field is wrong."""
+    try:
+        return ServerConfig.model_validate_json(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise invalid_request(f"Invalid server: {first['msg']}.", param=field) from None
 
 
 def _json(document: object, status: int = 200) -> Response:

@@ -46,9 +46,12 @@ class Authenticator:
             raise unauthorized("This API key has expired.", code="expired_api_key")
         return record
 
-    def forget(self) -> None:
-        """Drop every cached entry (after an admin change seen by this process)."""
-        self._cache.clear()
+    def forget(self, key_hash: str | None = None) -> None:
+        """Drop one key's cached entry, or every entry (after an admin change)."""
+        if key_hash is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key_hash, None)
 
     async def _record(self, key_hash: str) -> ApiKeyRecord | None:
         now = self._clock()

@@ -74,6 +74,10 @@ class HealthProber:
             self._on_probe(backend, up)
         return up
 
+    def track(self, backends: Sequence[Backend]) -> None:
+        """Probe these backends from now on (the catalog changed at run time)."""
+        self._backends = backends
+
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(backend) for backend in self._backends))
 

@@ -315,11 +315,24 @@ class SignalScraper:
         *,
         timeout_s: float | None = None,
     ) -> None:
-        self._tracked = [_Tracked(target) for target in targets if has_metrics(target.engine)]
+        self._tracked: list[_Tracked] = []
+        self._started = False
+        self.track(targets)
         self._fetch = fetch
         self._timeout = interval_s if timeout_s is None else timeout_s
         self._clock = clock
         self._periodic = Periodic("signal-scraper", self.scrape_once, interval_s)
+
+    def track(self, targets: Sequence[ScrapeTarget]) -> None:
+        """Scrape these targets from now on; those already tracked keep their last sample."""
+        known = {id(tracked.target): tracked for tracked in self._tracked}
+        self._tracked = [
+            known.get(id(target)) or _Tracked(target)
+            for target in targets
+            if has_metrics(target.engine)
+        ]
+        if self._started and self._tracked:  # the first engine with metrics came at run time
+            self._periodic.start()
 
     @property
     def targets(self) -> list[ScrapeTarget]:
@@ -353,8 +366,10 @@ class SignalScraper:
         tracked.stale = target.load_stale = False
 
     def start(self) -> None:
+        self._started = True
         if self._tracked:
             self._periodic.start()
 
     async def stop(self) -> None:
+        self._started = False
         await self._periodic.stop()

@@ -194,6 +194,9 @@ class GatewayConfig(_Strict):
     # redis://host:port/db shares queues, leases and caps between gateway replicas;
     # unset, the in-process scheduler serves this process alone
     scheduler_url: str | None = None
+    # a killed replica's slots come back within about this time (its leases are no longer
+    # renewed); shorter frees them sooner, at the cost of more renewals
+    scheduler_lease_ttl_s: Annotated[float, Field(ge=2, le=60)] = 8.0
     site: str | None = None  # this gateway's datacentre: its backends are preferred at equal load
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     max_audio_bytes: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024  # OpenAI's own limit

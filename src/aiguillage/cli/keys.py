@@ -187,7 +187,8 @@ def revoke(
     config: ConfigOption = None,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Revoke a key; gateways refuse it once their key cache expires (key_cache_ttl_s)."""
+    """Revoke a key: on PostgreSQL every gateway refuses it within a second (change notice);
+    on SQLite, once its key cache expires (key_cache_ttl_s)."""
 
     async def work(repository: KeyRepository) -> tuple[ApiKeyRecord, bool]:
         record = await repository.get(key_id)

@@ -17,6 +17,7 @@ from sqlalchemy import Row, insert, select, update
 from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.auth.keys import generate_key
 from aiguillage.dispatch.tickets import RoutingMode
+from aiguillage.store.changes import Change, announce
 from aiguillage.store.database import Database
 from aiguillage.store.tables import api_keys, as_utc
 
@@ -142,8 +143,11 @@ class KeyRepository:
                 update(api_keys)
                 .where(api_keys.c.id == key_id, api_keys.c.revoked.is_(False))
                 .values(revoked=True, revoked_at=datetime.now(UTC))
+                .returning(api_keys.c.key_hash)
             )
-            if result.rowcount:
+            key_hash = result.scalar()
+            if key_hash is not None:  # every replica drops it from its key cache
+                await announce(connection, Change("key_revoked", key_hash))
                 return True
             found = await connection.scalar(select(api_keys.c.id).where(api_keys.c.id == key_id))
             return found is not None

@@ -210,3 +210,15 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
     Index("ix_webhook_deliveries_job_id", "job_id"),
 )
+
+# Servers added or removed at run time through the admin API, on top of the
+# configuration file: every replica applies them at start and when notified.
+# `config` NULL means "removed" (a server of the file that must not be used).
+catalog_servers = Table(
+    "catalog_servers",
+    metadata,
+    Column("model", String(256), primary_key=True),
+    Column("url", String(2048), primary_key=True),
+    Column("config", JSON(none_as_null=True), nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
