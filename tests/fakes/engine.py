@@ -115,7 +115,8 @@ class FakeEngine:
         app.router.add_route("*", "/{mode}/health", self._health)
         app.router.add_route("*", "/{mode}/v1/models", self._models)
         app.router.add_route("POST", "/{mode}/v1/{endpoint:.*}", self._inference)
-        self._runner = web.AppRunner(app, access_log=None)
+        # a request still held open (a slow mode) must not keep the shutdown waiting
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -135,19 +135,13 @@ class RedisScheduler(LocalScheduler):
 
     async def _start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="redis-grants")
+        # No recovery window at start: this replica holds no lease yet, and opening one
+        # whenever Redis is young made every new deployment answer 503 for seconds. The
+        # replicas that do hold leases open it when they find Redis emptied (renewal).
         with contextlib.suppress(SchedulerUnavailable):  # it will come: renewal re-registers
-            await self._register(recovering=await self._redis_just_restarted())
+            await self._register()
         self._renewal.start()
         self._reaper.start()
-
-    async def _redis_just_restarted(self) -> bool:
-        """Whether Redis started less than a lease TTL ago: other replicas' leases may
-        not be back yet, so a replica starting then registers with a recovery window."""
-        try:
-            info = await self._redis.info("server")
-        except (RedisError, OSError):
-            return False
-        return int(info.get("uptime_in_seconds", 0)) * 1000 < int(self._ttl_ms)
 
     async def close(self) -> None:
         await self._renewal.stop()
