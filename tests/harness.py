@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import uvicorn
 import yaml
 
@@ -19,6 +20,7 @@ from aiguillage.catalog.config import parse_config
 from aiguillage.store.database import Database
 from aiguillage.store.keys import KeyRepository
 from aiguillage.store.usage import UsageRepository
+from tests.fakes.engine import FakeEngine
 
 T = TypeVar("T")
 
@@ -128,3 +130,19 @@ class RunningGateway:
             time.sleep(0.1)
             found = run_sync(rows())
         return found
+
+
+def engine_modes_of_next_requests(
+    engine: FakeEngine, gateway: RunningGateway, key: str, count: int, model: str = "chat"
+) -> set[str]:
+    """Send `count` chat requests through the gateway; the fake-engine modes that served them."""
+    before = len(engine.log.requests)
+    for _ in range(count):
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "Hello"}]},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+    return {seen.mode for seen in engine.log.requests[before:]}

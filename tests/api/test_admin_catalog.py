@@ -9,9 +9,7 @@ import httpx
 import pytest
 
 from tests.fakes.engine import FakeEngine
-from tests.harness import RunningGateway
-
-CHAT = [{"role": "user", "content": "Hello"}]
+from tests.harness import RunningGateway, engine_modes_of_next_requests
 
 
 @pytest.fixture
@@ -23,19 +21,6 @@ def gateway(fake_engine: FakeEngine, tmp_path: Path) -> Iterator[RunningGateway]
     running = RunningGateway(settings, tmp_path).start()
     yield running
     running.stop()
-
-
-def _modes_used(fake_engine: FakeEngine, gateway: RunningGateway, key: str, count: int) -> set[str]:
-    before = len(fake_engine.log.requests)
-    for _ in range(count):
-        response = httpx.post(
-            f"{gateway.url}/v1/chat/completions",
-            json={"model": "chat", "messages": CHAT},
-            headers={"authorization": f"Bearer {key}"},
-            timeout=10,
-        )
-        assert response.status_code == 200, response.text
-    return {seen.mode for seen in fake_engine.log.requests[before:]}
 
 
 def test_a_server_added_then_removed_is_used_then_left(
@@ -52,7 +37,10 @@ def test_a_server_added_then_removed_is_used_then_left(
     )
     assert added.status_code == 201, added.text
     assert fake_engine.url("admin-second") in added.json()["servers"]
-    assert _modes_used(fake_engine, gateway, user, 6) == {"admin-first", "admin-second"}
+    assert engine_modes_of_next_requests(fake_engine, gateway, user, 6) == {
+        "admin-first",
+        "admin-second",
+    }
 
     removed = httpx.delete(
         f"{gateway.url}/admin/models/chat/servers/{fake_engine.url('admin-first')}",
@@ -60,7 +48,7 @@ def test_a_server_added_then_removed_is_used_then_left(
     )
     assert removed.status_code == 200, removed.text
     assert removed.json()["servers"] == [fake_engine.url("admin-second")]
-    assert _modes_used(fake_engine, gateway, user, 4) == {"admin-second"}
+    assert engine_modes_of_next_requests(fake_engine, gateway, user, 4) == {"admin-second"}
 
 
 def test_server_changes_survive_a_restart(fake_engine: FakeEngine, gateway: RunningGateway) -> None:
@@ -81,7 +69,7 @@ def test_server_changes_survive_a_restart(fake_engine: FakeEngine, gateway: Runn
         {"database_url": gateway.database_url, **_settings_of(gateway)}, gateway.config_path.parent
     ).start()
     try:
-        assert _modes_used(fake_engine, restarted, user, 3) == {"admin-kept"}
+        assert engine_modes_of_next_requests(fake_engine, restarted, user, 3) == {"admin-kept"}
     finally:
         restarted.stop()
 

@@ -19,12 +19,11 @@ import pytest
 
 from aiguillage.store.changes import APPLICATION_NAME
 from tests.fakes.engine import FakeEngine
-from tests.harness import RunningGateway
+from tests.harness import RunningGateway, engine_modes_of_next_requests
 from tests.store.pg import create_database, drop_database, fetch, run_in_thread
 
 PROPAGATION_S = 1.0
 RESYNC_S = 5.0  # the listener reconnects after 1 s, then reloads
-CHAT = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
@@ -71,26 +70,11 @@ def _refuses(gateway: RunningGateway, key: str) -> bool:
 def _routes_only_to(
     fake_engine: FakeEngine, gateway: RunningGateway, key: str, modes: set[str]
 ) -> bool:
-    return _backend_of_next_requests(fake_engine, gateway, key, 4) <= modes
+    return engine_modes_of_next_requests(fake_engine, gateway, key, 4) <= modes
 
 
 def _routes_to(fake_engine: FakeEngine, gateway: RunningGateway, key: str, mode: str) -> bool:
-    return mode in _backend_of_next_requests(fake_engine, gateway, key, 2)
-
-
-def _backend_of_next_requests(
-    fake_engine: FakeEngine, gateway: RunningGateway, key: str, count: int
-) -> set[str]:
-    before = len(fake_engine.log.requests)
-    for _ in range(count):
-        response = httpx.post(
-            f"{gateway.url}/v1/chat/completions",
-            json={"model": "chat", "messages": CHAT},
-            headers={"authorization": f"Bearer {key}"},
-            timeout=10,
-        )
-        assert response.status_code == 200, response.text
-    return {seen.mode for seen in fake_engine.log.requests[before:]}
+    return mode in engine_modes_of_next_requests(fake_engine, gateway, key, 2)
 
 
 def test_a_key_revoked_on_one_replica_is_refused_by_the_others_within_1s(
@@ -162,7 +146,7 @@ def test_a_server_added_on_one_replica_is_used_by_the_others_within_1s(
         first.config.model_dump(mode="json"), late
     ).start()  # starts after the change: reads it from the database
     try:
-        assert _backend_of_next_requests(fake_engine, latecomer, user, 3) == {"replica-second"}
+        assert engine_modes_of_next_requests(fake_engine, latecomer, user, 3) == {"replica-second"}
     finally:
         latecomer.stop()
 
