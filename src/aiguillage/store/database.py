@@ -25,6 +25,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -33,6 +34,7 @@ SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 # SQLite has one writer at a time: processes migrating together, or workers claiming jobs,
 # wait for the lock; 5 s proved too short when several start at once on a busy machine.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_UPGRADE_ATTEMPTS = 5
 PG_CONNECT_TIMEOUT_S = 10.0
 # Any fixed 64-bit number: every Aiguillage process takes this lock to migrate.
 _PG_MIGRATION_LOCK = 0x41_49_47_55_49_4C_4C_41  # "AIGUILLA"
@@ -65,7 +67,23 @@ class Database:
         return self.url.render_as_string(hide_password=True)
 
     async def upgrade(self) -> None:
-        """Migrate the database to the latest schema (Alembic `upgrade head`); idempotent."""
+        """Migrate the database to the latest schema (Alembic `upgrade head`); idempotent.
+
+        On SQLite, processes starting together can still be refused the lock at once
+        (SQLite answers "database is locked" without waiting when waiting could deadlock,
+        e.g. while another process switches a new file to WAL): the upgrade, being
+        idempotent, is then simply tried again.
+        """
+        for attempt in range(SQLITE_UPGRADE_ATTEMPTS if self.is_sqlite else 1):
+            try:
+                await self._upgrade_once()
+                return
+            except OperationalError as error:
+                if "locked" not in str(error) or attempt == SQLITE_UPGRADE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _upgrade_once(self) -> None:
         async with _alembic_lock(), self.engine.connect() as connection:
             if self.is_sqlite:
                 connection = await connection.execution_options(**{_IMMEDIATE: True})
