@@ -55,10 +55,12 @@ def test_usage_rows_written_during_a_30s_outage_are_all_written_afterwards(
     gateway = RunningGateway(settings, tmp_path).start()
     try:
         key, record = gateway.create_key()
+        admin = {"authorization": f"Bearer {gateway.create_key(is_admin=True)[0]}"}
         headers = {"authorization": f"Bearer {key}"}
         body = {"model": "chat", "messages": CHAT}
         with httpx.Client(base_url=gateway.url, headers=headers, timeout=10) as client:
             assert client.post("/v1/chat/completions", json=body).status_code == 200
+            assert client.get("/admin/dispatch", headers=admin).status_code == 200  # cached
             deadline = time.monotonic() + 10
             while _usage_rows(dsn, record.id) < 1:  # the key is cached, the ledger works
                 assert time.monotonic() < deadline
@@ -73,6 +75,15 @@ def test_usage_rows_written_during_a_30s_outage_are_all_written_afterwards(
                 sent += 1
                 time.sleep(1 / REQUESTS_PER_S)
             assert _usage_rows(dsn, record.id) == 1  # nothing could be written meanwhile
+            # a route that needs the database answers a retryable 503, not a 500
+            added = client.post(
+                "/admin/models/chat/servers",
+                json={"url": fake_engine.url("late")},
+                headers=admin,
+            )
+            assert added.status_code == 503, added.text
+            assert added.json()["error"]["code"] == "store_unavailable"
+            assert added.headers["retry-after"]
             proxy.restore()
 
         deadline = time.monotonic() + 20

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -69,6 +70,8 @@ class AiguillageApp:
             exception_handlers={
                 ApiError: _api_error_response,
                 HTTPException: _http_error_response,
+                DBAPIError: _store_unavailable_response,
+                OSError: _store_unavailable_response,  # a connection the driver could not open
                 Exception: _unexpected_error_response,
             },
         )
@@ -254,6 +257,21 @@ async def _http_error_response(request: Request, error: Exception) -> Response:
     else:
         api_error = ApiError(error.status_code, str(error.detail), type="invalid_request_error")
     return await _api_error_response(request, api_error)
+
+
+async def _store_unavailable_response(request: Request, error: Exception) -> Response:
+    """The database went away under a route that needs it: a retryable 503, not a 500."""
+    log.warning("database unreachable on %s: %s", request.url.path, type(error).__name__)
+    return await _api_error_response(
+        request,
+        ApiError(
+            503,
+            "The gateway's database is unreachable right now; retry shortly.",
+            type="service_unavailable",
+            code="store_unavailable",
+            headers={"retry-after": "5"},
+        ),
+    )
 
 
 async def _unexpected_error_response(request: Request, error: Exception) -> Response:
