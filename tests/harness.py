@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Coroutine
@@ -146,3 +147,20 @@ def engine_modes_of_next_requests(
         )
         assert response.status_code == 200, response.text
     return {seen.mode for seen in engine.log.requests[before:]}
+
+
+def wait_until_answering(
+    url: str, process: subprocess.Popen[bytes], path: str = "/readyz", timeout_s: float = 90
+) -> None:
+    """Wait for a gateway process to answer 200 on `path`; fail at once if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the process at {url} exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer on {path}")

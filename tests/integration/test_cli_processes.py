@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,23 +17,10 @@ import yaml
 
 from aiguillage.backends.local_engine import EngineUnavailable, free_port, llama_server_binary
 from tests.fakes.engine import FakeEngine
+from tests.harness import wait_until_answering
 from tests.speech.conftest import speak
 
 AIGUILLAGE = [sys.executable, "-m", "aiguillage.cli"]
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the process exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not become ready")
 
 
 @pytest.fixture
@@ -63,7 +49,7 @@ def test_demo_serves_a_real_model_and_stops_its_engines(
     )
     stop_at_end.append(demo)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, demo)
+    wait_until_answering(url, demo)
     key = (tmp_path / "demo-key.txt").read_text().strip()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
     reply = client.chat.completions.create(
@@ -126,7 +112,7 @@ def test_serve_with_two_workers_shares_keys_and_sums_metrics(
     )
     stop_at_end.append(server)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, server)
+    wait_until_answering(url, server)
     for _ in range(20):  # new connections each time, so both workers get some
         response = httpx.post(
             f"{url}/v1/chat/completions",

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from aiguillage.backends.local_engine import free_port
+from tests.harness import wait_until_answering
 
 AIGUILLAGE = [sys.executable, "-m", "aiguillage.cli"]
 
@@ -107,7 +107,7 @@ class Replicas:
             )
             self.urls.append(f"http://127.0.0.1:{port}")
         for url, process in zip(self.urls, self.processes, strict=True):
-            _wait_alive(url, process)
+            wait_until_answering(url, process, path="/healthz", timeout_s=60)
 
     def create_key(self, **options: str) -> str:
         """A key made with the CLI, as an operator would; returns its secret."""
@@ -146,17 +146,3 @@ class Replicas:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-
-
-def _wait_alive(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"replica at {url} exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"replica at {url} did not start")
