@@ -42,7 +42,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from aiguillage.backends.backend import Backend
-from aiguillage.backends.circuit import CircuitState
 from aiguillage.backends.periodic import Periodic
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.dispatch.dispatcher import (
@@ -204,18 +203,9 @@ class RedisScheduler(LocalScheduler):
     def release(self, lease: Lease, ok: bool | None) -> None:
         if lease.released:
             return
-        lease.released = True
-        self.leases.discard(lease)
-        backend = lease.backend
-        backend.in_flight -= 1  # mirrored at once; the script's reply brings the truth
-        opened_ms = 0
-        if ok is True:
-            backend.circuit.on_success()
-        elif ok is False:
-            was_open = backend.circuit.state is CircuitState.OPEN
-            backend.circuit.on_failure()
-            if not was_open and backend.circuit.state is CircuitState.OPEN:  # share it
-                opened_ms = round(backend.circuit.open_s * 1000)
+        # the in-flight mirror drops at once; the script's reply brings the truth
+        opened = self._end_here(lease, ok)
+        opened_ms = round(lease.backend.circuit.open_s * 1000) if opened else 0  # share it
         self._spawn(self._end(lease.token, opened_ms))
 
     def backend_changed(self, backend: Backend) -> None:

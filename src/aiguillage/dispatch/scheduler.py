@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.circuit import CircuitState
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.dispatch.dispatcher import NoBackendAvailable, QueueFull, QueueTimeout
 from aiguillage.dispatch.placement import check_servable, may_take
@@ -141,6 +142,12 @@ class LocalScheduler:
         """End a lease: `ok` True/False feeds the circuit breaker, None is neutral."""
         if lease.released:
             return
+        self._end_here(lease, ok)
+        self.backend_changed(lease.backend)
+
+    def _end_here(self, lease: Lease, ok: bool | None) -> bool:
+        """This process's part of ending a lease: its count, and the circuit breaker fed
+        with how it went; True when this failure is the one that opened the circuit."""
         lease.released = True
         self.leases.discard(lease)
         backend = lease.backend
@@ -148,8 +155,10 @@ class LocalScheduler:
         if ok is True:
             backend.circuit.on_success()
         elif ok is False:
+            was_open = backend.circuit.state is CircuitState.OPEN
             backend.circuit.on_failure()
-        self.backend_changed(backend)
+            return not was_open and backend.circuit.state is CircuitState.OPEN
+        return False
 
     def in_flight(self, backend: Backend) -> int:
         return backend.in_flight
