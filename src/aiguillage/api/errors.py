@@ -81,3 +81,14 @@ def unavailable(
 
 def gateway_timeout(message: str, code: str = "upstream_timeout") -> ApiError:
     return ApiError(504, message, type="upstream_timeout", code=code)
+
+
+def require_media_type(content_type: str, expected: str, how: str) -> None:
+    """A 415 unless the Content-Type's media type is `expected`; `how` says what to send."""
+    if content_type.split(";", 1)[0].strip().lower() != expected:
+        raise ApiError(
+            415,
+            how + (f" (got '{content_type}')." if content_type else "."),
+            type="invalid_request_error",
+            code="unsupported_media_type",
+        )

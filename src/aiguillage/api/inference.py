@@ -35,6 +35,7 @@ from aiguillage.api.errors import (
     gateway_timeout,
     invalid_request,
     not_found,
+    require_media_type,
 )
 from aiguillage.api.payload import (
     RelayedRequest,
@@ -186,14 +187,11 @@ class InferenceEndpoint:
     async def _read_request(self, receive: Receive, headers: dict[str, str]) -> RelayedRequest:
         """The JSON body, parsed and checked; the audio routes read multipart instead."""
         content_type = headers.get("content-type", "")
-        if content_type.split(";", 1)[0].strip().lower() != "application/json":
-            raise ApiError(
-                415,
-                "Send the body as JSON with 'Content-Type: application/json'"
-                + (f" (got '{content_type}')." if content_type else "."),
-                type="invalid_request_error",
-                code="unsupported_media_type",
-            )
+        require_media_type(
+            content_type,
+            "application/json",
+            "Send the body as JSON with 'Content-Type: application/json'",
+        )
         raw = await read_body(receive, headers, self.gateway.config.max_body_bytes)
         request = parse_inference_request(raw, streamable=self.streamable)
         header_priority = parse_priority_header(headers.get("x-priority"))

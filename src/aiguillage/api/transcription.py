@@ -19,7 +19,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from aiguillage.api.asgi import Receive, read_body
-from aiguillage.api.errors import ApiError, invalid_request
+from aiguillage.api.errors import ApiError, invalid_request, require_media_type
 from aiguillage.api.inference import InferenceEndpoint
 from aiguillage.api.payload import RelayedRequest, parse_priority_header
 from aiguillage.catalog.catalog import ModelEntry
@@ -68,14 +68,11 @@ class TranscriptionRequest:
 
 async def parse_transcription_request(raw: bytes, content_type: str) -> TranscriptionRequest:
     """Parse and check a multipart body; raise a 400 `ApiError` that says what is wrong."""
-    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
-        raise ApiError(
-            415,
-            "Send the body as 'multipart/form-data' with the media in a 'file' field"
-            + (f" (got '{content_type}')." if content_type else "."),
-            type="invalid_request_error",
-            code="unsupported_media_type",
-        )
+    require_media_type(
+        content_type,
+        "multipart/form-data",
+        "Send the body as 'multipart/form-data' with the media in a 'file' field",
+    )
 
     async def body() -> AsyncGenerator[bytes, None]:
         yield raw
