@@ -131,10 +131,12 @@ async def test_admin_dispatch_needs_an_admin_key_and_explains(gateway: RunningGa
         busy = asyncio.ensure_future(_chat(client, user, "one-slot"))
         await asyncio.sleep(0.1)
         queued = asyncio.ensure_future(_chat(client, user, "one-slot"))
-        await asyncio.sleep(0.1)
-        report: dict[str, Any] = (
-            await client.get("/admin/dispatch", headers={"authorization": f"Bearer {admin}"})
-        ).json()
+        as_admin = {"authorization": f"Bearer {admin}"}
+        for _ in range(50):  # until the second request is in the queue (a busy machine is slow)
+            report: dict[str, Any] = (await client.get("/admin/dispatch", headers=as_admin)).json()
+            if report["models"]["one-slot"]["waiting"]:
+                break
+            await asyncio.sleep(0.05)
         metrics = (await client.get("/metrics")).text
         await asyncio.gather(busy, queued)
     assert 'aiguillage_queue_depth{model="one-slot",priority="0"} 1.0' in metrics
