@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from aiguillage.backends.circuit import CircuitState
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.catalog.config import parse_config
 from aiguillage.dispatch.dispatcher import QueueTimeout, SchedulerUnavailable
@@ -238,3 +239,109 @@ async def test_a_circuit_opened_by_one_replica_is_open_at_the_others(
     await a.settled()
     assert not model(a).backends[0].usable()
     await eventually(lambda: not model(b).backends[0].usable(), within_s=5)  # within a reap
+
+
+# --- shared circuits -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[list[RedisScheduler]]:
+    """Two replicas of a model on backends x and y, whose circuits open after one failure;
+    the second calls Redis only when asked (no renewal or reap during a test)."""
+    config = parse_config(
+        {
+            "circuit_failures": 1,
+            "circuit_open_s": 0.5,
+            "models": [
+                {
+                    "name": "m",
+                    "routing_strategy": "round-robin",
+                    "servers": [
+                        {"url": "http://x.example:8000", "max_concurrency": 4},
+                        {"url": "http://y.example:8000", "max_concurrency": 4},
+                    ],
+                }
+            ],
+        }
+    )
+    prefix = unique_prefix()
+    quiet = {"lease_ttl_s": 60, "renew_interval_s": 20, "reap_interval_s": 20}  # b calls rarely
+    made = [
+        RedisScheduler(Catalog.from_config(config), SHARED_REDIS, prefix=prefix, **options)
+        for options in ({"reap_interval_s": 0.1}, quiet)
+    ]
+    for replica in made:
+        await replica.start()
+    await asyncio.sleep(0.2)  # their first renewal and reap (at start) are done
+    yield made
+    for replica in made:
+        await replica.close()
+    await delete_prefix(SHARED_REDIS, prefix)
+
+
+def backend(scheduler: RedisScheduler, name: str) -> Any:
+    return next(b for b in model(scheduler).backends if b.name == f"{name}.example:8000")
+
+
+def only_x_ticket(replica: RedisScheduler) -> Ticket:
+    only_x = frozenset({backend(replica, "y")})
+    return Ticket(model=model(replica), organisation="o", priority=0, exclude=only_x)
+
+
+async def open_x(replica: RedisScheduler) -> None:
+    """One failure on x at this replica: its breaker opens, and with it the shared circuit."""
+    lease = await replica.acquire(only_x_ticket(replica))
+    replica.release(lease, ok=False)
+    await replica.settled()
+    assert backend(replica, "x").circuit.state is CircuitState.OPEN
+
+
+async def test_a_replica_that_has_not_heard_of_an_open_circuit_still_places_nothing_there(
+    pair: list[RedisScheduler],
+) -> None:
+    a, b = pair
+    await open_x(a)
+    assert backend(b, "x").circuit.state is CircuitState.CLOSED  # b has not called Redis since
+    leases = [await b.acquire(ticket(model(b))) for _ in range(4)]  # round-robin would use x
+    assert {lease.backend for lease in leases} == {backend(b, "y")}
+    assert backend(b, "x").circuit.state is CircuitState.OPEN  # b's breaker follows the shared one
+    for lease in leases:
+        b.release(lease, ok=True)
+
+
+async def test_a_half_open_circuit_lets_one_trial_through_across_replicas_and_its_success_closes_it(
+    pair: list[RedisScheduler],
+) -> None:
+    a, b = pair
+    await open_x(a)
+    await asyncio.sleep(0.6)  # the open time is over: half-open
+    trial = await a.acquire(only_x_ticket(a))
+    assert trial.token.endswith("\ttrial")
+    others = [asyncio.ensure_future(b.acquire(only_x_ticket(b))) for _ in range(2)]
+    await b.settled()
+    assert not any(other.done() for other in others)  # one trial at a time, whichever replica
+    a.release(trial, ok=True)  # the trial succeeded: the circuit closes for every replica
+    for other in others:
+        await eventually(other.done, within_s=3)
+        assert not other.result().token.endswith("\ttrial")
+        b.release(other.result(), ok=True)
+    await b.settled()
+    assert backend(b, "x").circuit.state is CircuitState.CLOSED
+
+
+async def test_a_failed_trial_opens_the_circuit_again_for_every_replica(
+    pair: list[RedisScheduler],
+) -> None:
+    a, b = pair
+    await open_x(a)
+    await asyncio.sleep(0.6)
+    trial = await b.acquire(only_x_ticket(b))  # b had never seen x fail
+    b.release(trial, ok=False)
+    await b.settled()
+    waiting = asyncio.ensure_future(a.acquire(only_x_ticket(a)))
+    await a.settled()
+    assert not waiting.done()  # open again: a's request waits for the next trial
+    assert backend(a, "x").circuit.state is CircuitState.OPEN
+    lease = await asyncio.wait_for(waiting, 3)  # half-open again: the reaper's pump grants it
+    assert lease.token.endswith("\ttrial")
+    a.release(lease, ok=True)

@@ -74,8 +74,8 @@ class CircuitBreaker:
             self._state = CircuitState.OPEN
 
     def open_for(self, seconds: float) -> None:
-        """Another gateway replica opened this backend's circuit: stay open here as long."""
-        if self.state is CircuitState.CLOSED:
+        """The circuit shared by the gateway replicas is open: stay open here as long."""
+        if self.state is not CircuitState.OPEN:
             self._state = CircuitState.OPEN
             self._opened_at = self._clock() - self.open_s + seconds
             self._trial_in_flight = False

@@ -15,8 +15,12 @@ Leases carry a deadline that their replica renews every `renew_interval_s`;
 every replica reaps expired leases every `reap_interval_s`, so the capacity of
 a replica that died comes back within `lease_ttl_s` plus one reap.
 
-A circuit a replica opens is recorded in Redis with its end; every reply carries
-the open ones, so the other replicas stop sending there too (within one reap).
+Circuits are shared: one a replica's breaker opens is recorded in Redis with
+its end, and Redis places nothing there until then, whatever the other
+replicas saw. Past its end the circuit is half-open for all: one trial lease
+across the replicas; its success closes the circuit everywhere, its failure
+opens it again. Every reply carries the circuits not closed, so each replica's
+breaker (for `explain`, metrics and failing fast) follows the shared one.
 
 When Redis cannot be reached, `acquire` raises `SchedulerUnavailable` at once
 (the relay answers 503 with Retry-After) and the client reconnects by itself;
@@ -42,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from aiguillage.backends.backend import Backend
+from aiguillage.backends.circuit import CircuitState
 from aiguillage.backends.periodic import Periodic
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.dispatch.dispatcher import (
@@ -205,8 +210,8 @@ class RedisScheduler(LocalScheduler):
             return
         # the in-flight mirror drops at once; the script's reply brings the truth
         opened = self._end_here(lease, ok)
-        opened_ms = round(lease.backend.circuit.open_s * 1000) if opened else 0  # share it
-        self._spawn(self._end(lease.token, opened_ms))
+        outcome = "-" if ok is None else "ok" if ok else "failed"
+        self._spawn(self._end(lease.token, outcome, opened, lease.backend.circuit.open_s))
 
     def backend_changed(self, backend: Backend) -> None:
         """Recompute this replica's waiting tickets' preferences (health, QoS) and pump."""
@@ -264,6 +269,9 @@ class RedisScheduler(LocalScheduler):
 
     def _lease(self, ticket: Ticket, state: ModelState, token: str) -> Lease:
         backend = self._by_name[token.split(SEP)[1]]
+        trial = token.endswith(f"{SEP}trial")
+        if not trial and backend.circuit.state is not CircuitState.CLOSED:
+            backend.circuit.on_success()  # Redis placed it as on a closed circuit: it is
         chosen, reason, candidates = self._why.pop(ticket, (None, "", 0))
         if backend is not chosen:
             reason = "first with room when its turn came"
@@ -426,9 +434,14 @@ class RedisScheduler(LocalScheduler):
                 args += [backend.name, str(backend.max_concurrency)]
         await self._call("register", *args)
 
-    async def _end(self, token: str, circuit_opened_ms: int = 0) -> None:
+    async def _end(
+        self, token: str, outcome: str = "-", opened: bool = False, open_s: float = 0.0
+    ) -> None:
+        """Release a lease in Redis: `outcome` 'ok', 'failed' or '-' (unknown) feeds the
+        shared circuit; `opened`: this failure opened this replica's breaker, for `open_s`."""
+        args = (outcome, str(int(opened)), str(round(open_s * 1000)))
         with contextlib.suppress(SchedulerUnavailable):  # unrenewed, the reaper frees it
-            await self._call("release", token, str(circuit_opened_ms))
+            await self._call("release", token, *args)
 
     # --- Redis calls ----------------------------------------------------------------------
 
@@ -444,19 +457,26 @@ class RedisScheduler(LocalScheduler):
             raise SchedulerUnavailable(str(error)) from None
         self._set_available(True)
         status, a, b, counts, grants, version, circuits = reply
-        if version > self._version:  # a reply overtaken by a later one has older counts
+        if version > self._version:  # a reply overtaken by a later one has older state
             self._version = version
             for i in range(0, len(counts), 2):
                 backend = self._by_name.get(counts[i])
                 if backend is not None:
                     backend.in_flight = int(counts[i + 1])
-        for i in range(0, len(circuits), 2):  # opened by another replica: open here too
-            backend = self._by_name.get(circuits[i])
-            if backend is not None:
-                backend.circuit.open_for(int(circuits[i + 1]) / 1000)
+            self._mirror_circuits(dict(zip(circuits[::2], circuits[1::2], strict=True)))
         for i in range(0, len(grants), 2):
             self._deliver(str(grants[i]), grants[i + 1])
         return str(status), str(a), str(b)
+
+    def _mirror_circuits(self, not_closed: dict[str, int]) -> None:
+        """Make this replica's breakers follow the shared circuits (ms left open; 0: half-open)."""
+        for name, backend in self._by_name.items():
+            left_ms = not_closed.get(name)
+            if left_ms is None:
+                if backend.circuit.state is not CircuitState.CLOSED:
+                    backend.circuit.on_success()  # another replica's trial succeeded
+            elif left_ms > 0:
+                backend.circuit.open_for(left_ms / 1000)
 
     def _set_available(self, available: bool) -> None:
         if available != self._available:

@@ -1,7 +1,7 @@
 -- The shared scheduler's state changes, each one atomic (docs/dispatch.md, "Redis engine").
 -- ARGV[1] operation, ARGV[2] key prefix, ARGV[3] calling replica, ARGV[4] lease TTL (ms).
 -- Every reply is {status, a, b, in-flight counts (flat), grants for the caller (flat), version,
--- open circuits (flat: backend, ms left)}.
+-- circuits not closed (flat: backend, ms left open, 0 when half-open)}.
 local op, P, replica, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local SEP = '\t'
 local SNAPSHOT = 2000 -- tickets looked at per pump
@@ -35,16 +35,36 @@ local function prefs_of(text) -- "backend\tlimit\town\n..." in the replica's ord
   return prefs
 end
 
+-- Circuits: 'circ' maps a backend to the end of its open time. Past it the circuit is
+-- half-open: one trial lease at a time, whichever replica asks ('trial:<backend>' holds it,
+-- expiring with the lease); the trial's success closes the circuit for every replica, its
+-- failure opens it again. A replica's own breaker opening is shared the same way.
+local function circuit_admits(backend)
+  local until_ms = redis.call('HGET', P .. 'circ', backend)
+  if not until_ms then return true end
+  return tonumber(until_ms) <= now_ms() and redis.call('EXISTS', P .. 'trial:' .. backend) == 0
+end
+
+local function open_circuit(backend, open_ms)
+  redis.call('HSET', P .. 'circ', backend, now_ms() + open_ms)
+  redis.call('DEL', P .. 'trial:' .. backend)
+end
+
 local function new_lease(backend, owner)
   add_inflight(backend, 1)
   local member = redis.call('INCR', P .. 'lseq') .. '.' .. now_ms() .. SEP .. backend .. SEP .. owner
+  local trial = redis.call('HEXISTS', P .. 'circ', backend) == 1 -- admitted while half-open
+  if trial then member = member .. SEP .. 'trial' end
   redis.call('ZADD', P .. 'leases', now_ms() + ttl, member)
+  if trial then redis.call('SET', P .. 'trial:' .. backend, member, 'PX', ttl) end
   return member
 end
 
 local function first_with_room(prefs, only_own)
   for _, pref in ipairs(prefs) do
-    if (pref[3] or not only_own) and inflight(pref[1]) < pref[2] then return pref[1] end
+    if (pref[3] or not only_own) and inflight(pref[1]) < pref[2] and circuit_admits(pref[1]) then
+      return pref[1]
+    end
   end
   return nil
 end
@@ -194,16 +214,11 @@ end
 
 local function reply(status, a, b) -- the version orders replies that arrive out of order
   local version = redis.call('INCR', P .. 'v')
-  local circuits, now = {}, now_ms() -- circuits opened by some replica: milliseconds left
+  local circuits, now = {}, now_ms() -- circuits not closed: milliseconds left open (0: half-open)
   local open = redis.call('HGETALL', P .. 'circ')
   for i = 1, #open, 2 do
-    local left = tonumber(open[i + 1]) - now
-    if left > 0 then
-      circuits[#circuits + 1] = open[i]
-      circuits[#circuits + 1] = left
-    else
-      redis.call('HDEL', P .. 'circ', open[i])
-    end
+    circuits[#circuits + 1] = open[i]
+    circuits[#circuits + 1] = math.max(0, tonumber(open[i + 1]) - now)
   end
   return {status, a or '', b or '', redis.call('HGETALL', P .. 'in'), grants, version, circuits}
 end
@@ -229,11 +244,22 @@ if op == 'acquire' then
   push(id, model, priority, org, seq)
   pump(model)
   return reply('queued', seq, id)
-elseif op == 'release' then -- ARGV[5] lease, ARGV[6] how long its backend's circuit opened (ms)
-  local backend = end_lease(ARGV[5])
-  local opened = tonumber(ARGV[6] or '0')
-  if opened > 0 then
-    redis.call('HSET', P .. 'circ', split(ARGV[5], SEP)[2], now_ms() + opened)
+elseif op == 'release' then
+  -- ARGV[5] lease, ARGV[6] how it went ('ok', 'failed' or '-': unknown), ARGV[7] '1' when this
+  -- failure opened the replica's own breaker, ARGV[8] the backend's circuit open time (ms)
+  local member, outcome = ARGV[5], ARGV[6]
+  local name = split(member, SEP)[2]
+  local was_trial = redis.call('GET', P .. 'trial:' .. name) == member
+  local backend = end_lease(member)
+  if outcome == 'ok' then -- as in one process: a success closes the circuit
+    redis.call('HDEL', P .. 'circ', name)
+    redis.call('DEL', P .. 'trial:' .. name)
+    backend = name
+  elseif ARGV[7] == '1' or (was_trial and outcome == 'failed') then
+    open_circuit(name, tonumber(ARGV[8]))
+  elseif was_trial then -- the trial ended without a verdict: another may try
+    redis.call('DEL', P .. 'trial:' .. name)
+    backend = name
   end
   if backend then pump_backend(backend) end
   return reply('released')
@@ -263,16 +289,22 @@ elseif op == 'refresh' then -- ARGV[5..]: pairs (ticket id, prefs) of the caller
 elseif op == 'renew' then -- ARGV[5..]: the caller's live leases; ones Redis lost are put back
   local deadline = now_ms() + ttl
   for i = 5, #ARGV do
-    if not redis.call('ZSCORE', P .. 'leases', ARGV[i]) then add_inflight(split(ARGV[i], SEP)[2], 1) end
+    local name = split(ARGV[i], SEP)[2]
+    if not redis.call('ZSCORE', P .. 'leases', ARGV[i]) then add_inflight(name, 1) end
     redis.call('ZADD', P .. 'leases', deadline, ARGV[i])
+    if redis.call('GET', P .. 'trial:' .. name) == ARGV[i] then redis.call('PEXPIRE', P .. 'trial:' .. name, ttl) end
   end
   return reply('renewed', redis.call('EXISTS', P .. 'reg'))
-elseif op == 'reap' then -- leases whose replica stopped renewing them
+elseif op == 'reap' then -- leases whose replica stopped renewing them; circuits turned half-open
   local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, 1000)
   local touched = {}
   for _, member in ipairs(expired) do
     local backend = end_lease(member)
     if backend then touched[backend] = true end
+  end
+  local circuits = redis.call('HGETALL', P .. 'circ') -- half-open ones: time for a trial
+  for i = 1, #circuits, 2 do
+    if circuit_admits(circuits[i]) then touched[circuits[i]] = true end
   end
   for backend in pairs(touched) do pump_backend(backend) end
   return reply('reaped', #expired)
