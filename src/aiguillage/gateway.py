@@ -165,21 +165,29 @@ class Gateway:
         await self.sync_catalog()
 
     async def sync_catalog(self) -> None:
-        """Apply the stored server overrides; re-index what depends on the backends."""
+        """Apply the stored server overrides; re-index what depends on the backends.
+
+        A backend no model uses any more has its connection pool closed: idle
+        connections now, those of requests still running when they end.
+        """
         if self._servers is None:
             return
         async with self._catalog_lock:
             overrides = await self._servers.all()
             if not self.catalog.apply_overrides(overrides):
                 return
+            dropped = self.catalog.drop_unused()
             backends = self.catalog.backends()
-            new = [b for b in backends if b.metrics_url not in self._by_metrics_url]
-            self._by_metrics_url.update({b.metrics_url: b for b in backends})
+            new = [b for b in backends if self._by_metrics_url.get(b.metrics_url) is not b]
+            self._by_metrics_url = {b.metrics_url: b for b in backends}
             self.prober.track(backends)
             self.scraper.track(backends)
             self.scheduler.catalog_changed()  # re-index: prefix rings, backend -> models
-            await asyncio.gather(*(self.prober.probe(backend) for backend in new))
-            log.info("catalog changed: %d backends", len(backends))
+            await asyncio.gather(
+                *(self.prober.probe(backend) for backend in new),
+                *(backend.close() for backend in dropped),
+            )
+            log.info("catalog changed: %d backends, %d removed", len(backends), len(dropped))
 
     def changed(self, change: Change) -> None:
         """A notice from a replica (this one included): apply it here."""

@@ -88,6 +88,14 @@ class Catalog:
                 changed = True
         return changed
 
+    def drop_unused(self) -> list[Backend]:
+        """Forget the backends no model uses any more, and return them.
+
+        Adding their URL again then gives a fresh backend rather than one whose
+        connection pool the caller has closed.
+        """
+        return self._factory.keep_only(self.backends())
+
     def resolve(self, public_name: str) -> ModelEntry | None:
         return self._by_public_name.get(public_name)
 
@@ -133,6 +141,13 @@ class _BackendFactory:
                 )
             found.append(self._made[key])
         return tuple(found)
+
+    def keep_only(self, used: Iterable[Backend]) -> list[Backend]:
+        """Forget every backend not in `used`; return the forgotten ones."""
+        kept = {id(backend) for backend in used}
+        dropped = [backend for backend in self._made.values() if id(backend) not in kept]
+        self._made = {key: b for key, b in self._made.items() if id(b) in kept}
+        return dropped
 
 
 def _reserve(entry: ModelEntry, backends: Iterable[Backend], sign: int) -> None:
