@@ -4,6 +4,11 @@ Run: PYTHONPATH=src .venv/bin/python bench/dispatch/redis_cost.py [redis://127.0
 The target (issue 4, scale-out) is at most 1 ms added at p50. Nobody waits: this
 is the path every request takes when capacity is free (acquire's script, then
 release's script, awaited so each round sees the previous one's effect).
+
+Besides the latency it reports the CPU each request costs the replica (this
+process) and Redis itself (the scripts' time from `INFO commandstats`): Redis
+runs scripts one at a time, so its CPU per request bounds how many requests per
+second any number of replicas can share it for.
 """
 
 from __future__ import annotations
@@ -34,42 +39,61 @@ def catalog() -> Catalog:
     )
 
 
-async def measure(scheduler: LocalScheduler) -> list[float]:
+async def measure(scheduler: LocalScheduler) -> tuple[list[float], float]:
+    """Each round's wall time (ms), and this process's CPU per round (ms)."""
     model = scheduler.catalog.resolve("m")
     assert model is not None
     samples = []
+    cpu_started = time.process_time()
     for _ in range(ROUNDS):
         started = time.perf_counter()
         lease = await scheduler.acquire(Ticket(model=model, organisation="org", priority=0))
         scheduler.release(lease, ok=True)
         await scheduler.settled()
         samples.append((time.perf_counter() - started) * 1000)
-    return samples
+    return samples, (time.process_time() - cpu_started) * 1000 / ROUNDS
 
 
-def summary(name: str, samples: list[float]) -> str:
+async def script_usec(client: aioredis.Redis) -> float:
+    """Microseconds Redis has spent running scripts (EVALSHA and EVAL) since its start."""
+    stats = await client.info("commandstats")
+    return sum(
+        float(stats.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in ("evalsha", "eval")
+    )
+
+
+def summary(name: str, samples: list[float], cpu_ms: float, redis_ms: float | None) -> str:
     ordered = sorted(samples)
     p99 = ordered[int(len(ordered) * 0.99)]
-    return f"| {name} | {statistics.median(ordered):.3f} | {p99:.3f} |"
+    on_redis = "-" if redis_ms is None else f"{redis_ms:.3f}"
+    return f"| {name} | {statistics.median(ordered):.3f} | {p99:.3f} | {cpu_ms:.3f} | {on_redis} |"
 
 
 async def main(url: str) -> None:
     local = LocalScheduler(catalog())
     prefix = f"aiguillage-bench:{uuid.uuid4().hex[:8]}:"
     shared = RedisScheduler(catalog(), url, prefix=prefix)
+    client = aioredis.Redis.from_url(url, decode_responses=True)
     await shared.start()
     try:
-        rows = [summary("local", await measure(local)), summary("redis", await measure(shared))]
+        rows = [summary("local", *await measure(local), None)]
+        before = await script_usec(client)
+        samples, cpu_ms = await measure(shared)
+        redis_ms = (await script_usec(client) - before) / 1000 / ROUNDS
+        rows.append(summary("redis", samples, cpu_ms, redis_ms))
     finally:
         await shared.close()
-        client = aioredis.Redis.from_url(url)
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if keys:
             await client.delete(*keys)
         await client.aclose()
-    print(f"acquire + release, {ROUNDS} rounds, ms")
-    print("| engine | p50 | p99 |\n|---|---|---|")
+    print(f"acquire + release, {ROUNDS} rounds, ms per request")
+    print("| engine | p50 | p99 | replica CPU | Redis CPU (scripts) |\n|---|---|---|---|---|")
     print("\n".join(rows))
+    print(
+        f"One Redis thread runs these scripts for at most {1 / redis_ms:.0f} requests/ms"
+        f" ({1000 / redis_ms:,.0f} requests/s), whatever the number of replicas."
+    )
 
 
 if __name__ == "__main__":
