@@ -24,10 +24,15 @@ def test_opened_elsewhere_stays_open_for_the_time_left_then_allows_a_trial() -> 
     assert circuit.state is CircuitState.HALF_OPEN and circuit.allows()
 
 
-def test_opened_elsewhere_does_not_disturb_a_circuit_already_open_or_trying() -> None:
+def test_opened_elsewhere_keeps_an_open_circuit_s_end_and_reopens_a_half_open_one() -> None:
     clock = Clock()
     circuit = CircuitBreaker(failure_threshold=1, open_s=10, clock=clock)
     circuit.on_failure()
-    clock.now += 10  # half-open: its own trial decides
+    circuit.open_for(2)  # already open here: its own end stands
+    clock.now += 5
+    assert circuit.state is CircuitState.OPEN
+    clock.now += 5  # half-open here, but another replica's trial failed: open again
     circuit.open_for(5)
+    assert circuit.state is CircuitState.OPEN
+    clock.now += 5
     assert circuit.state is CircuitState.HALF_OPEN

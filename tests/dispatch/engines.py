@@ -65,12 +65,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def own_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A redis-server of this test's own (no persistence), stopped at the end."""
+def own_redis(port: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of this test's own (no persistence), stopped at the end.
+
+    `options` are more redis-server arguments (a config file first, `--sentinel`...).
+    """
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian package redis-server)")
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        ["redis-server", *options, "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from aiguillage.dispatch.redis_connection import check_scheduler_url
+
 EngineKind = Literal["vllm", "sglang", "tgi", "llamacpp", "ollama", "lmdeploy", "openai"]
 RoutingStrategy = Literal[
     "round-robin", "weighted", "least-busy", "latency", "prefix-affinity", "owner-first"
@@ -227,8 +229,8 @@ class GatewayConfig(_Strict):
     @field_validator("scheduler_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("expected 'redis://HOST:PORT/DB' (or rediss://, unix://)")
+        if value is not None:
+            check_scheduler_url(value)
         return value
 
     @model_validator(mode="after")

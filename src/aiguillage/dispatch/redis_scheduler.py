@@ -40,7 +40,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from importlib.resources import files
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -57,6 +56,7 @@ from aiguillage.dispatch.dispatcher import (
 )
 from aiguillage.dispatch.placement import allowed, check_servable, effective_limit, may_take
 from aiguillage.dispatch.queue import ModelQueue
+from aiguillage.dispatch.redis_connection import RedisConnector
 from aiguillage.dispatch.scheduler import LocalScheduler, ModelState
 from aiguillage.dispatch.strategies import load_of
 from aiguillage.dispatch.tickets import Lease, RoutingMode, Ticket
@@ -96,23 +96,14 @@ class RedisScheduler(LocalScheduler):
     ) -> None:
         self.replica = replica or uuid.uuid4().hex[:12]
         self.prefix = prefix
-        self._url = url
         self._ttl_ms = str(round(lease_ttl_s * 1000))
         self._recovery_ms = round((renew_interval_s * 1.5 + 0.5) * 1000)
         self._on_availability = on_availability
         self._available = True
         self._version = 0  # of the latest reply whose counts were mirrored
+        self._connector = RedisConnector(url, timeout_s=1.0)
         # a bounded pool: a burst waits up to a second for a connection rather than failing
-        self._redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=1.0,
-                decode_responses=True,
-                socket_timeout=1.0,
-                socket_connect_timeout=1.0,
-            )
-        )
+        self._redis = self._connector.pooled(MAX_CONNECTIONS, wait_s=1.0)
         # one immediate retry (a pooled connection that died with a restart), no backoff:
         # an outage must answer fast, not after redis-py's default exponential retries
         self._redis.set_retry(Retry(NoBackoff(), 1))
@@ -156,6 +147,7 @@ class RedisScheduler(LocalScheduler):
                 await self._listener
         await self.settled()
         await self._redis.aclose()
+        await self._connector.aclose()
 
     def catalog_changed(self) -> None:
         super().catalog_changed()
@@ -375,14 +367,15 @@ class RedisScheduler(LocalScheduler):
 
     # --- background work ------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        """Grants for this replica's tickets, published by whichever replica freed a slot."""
+    async def _listen(self, lost: bool = False) -> None:
+        """Grants for this replica's tickets, published by whichever replica freed a slot.
+
+        `lost`: grants may have been published where this replica was not listening
+        (a Sentinel failover moved the master): ask Redis about every waiting ticket.
+        """
         channel = f"{self.prefix}g:{self.replica}"
-        lost = False
         while True:
-            listener = aioredis.Redis.from_url(
-                self._url, decode_responses=True, socket_connect_timeout=1.0
-            )
+            listener = self._connector.single()
             pubsub = listener.pubsub()
             try:
                 await pubsub.subscribe(channel)
@@ -407,7 +400,17 @@ class RedisScheduler(LocalScheduler):
                     await listener.aclose()
 
     async def _renew(self) -> None:
-        """Push back the deadlines of this replica's leases; put back any Redis lost."""
+        """Push back the deadlines of this replica's leases; put back any Redis lost.
+
+        Behind Sentinel, first follow a failover: the renewal then puts this
+        replica's live leases on the new master, whatever the old one had.
+        """
+        try:
+            if await self._connector.master_moved():
+                log.warning("the shared scheduler's Redis master moved: following it")
+                self._follow_master()
+        except (RedisError, OSError) as error:
+            log.warning("no Sentinel answered: %s", type(error).__name__)
         tokens = [lease.token for lease in self.leases]
         try:
             _, registered, _ = await self._call("renew", *tokens)
@@ -415,6 +418,12 @@ class RedisScheduler(LocalScheduler):
                 await self._register(recovering=True)
         except SchedulerUnavailable:
             pass  # logged and counted by _call; the next round retries
+
+    def _follow_master(self) -> None:
+        """Listen for grants on the new master (the old listener hears nothing any more)."""
+        if self._listener is not None:
+            self._listener.cancel()
+        self._listener = asyncio.create_task(self._listen(lost=True), name="redis-grants")
 
     async def _reap(self) -> None:
         with contextlib.suppress(SchedulerUnavailable):
