@@ -73,7 +73,6 @@ class KeyRepository:
             routing_mode,
         )
         key = generate_key()
-        created_at = datetime.now(UTC)
         async with self._engine.begin() as connection:
             result = await connection.execute(
                 insert(api_keys)
@@ -89,26 +88,12 @@ class KeyRepository:
                     expires_at=new.expires_at,
                     revoked=False,
                     revoked_at=None,
-                    created_at=created_at,
+                    created_at=datetime.now(UTC),
                     routing_mode=new.routing_mode,
                 )
-                .returning(api_keys.c.id)
+                .returning(*api_keys.c)
             )
-            key_id = int(result.scalar_one())
-        record = ApiKeyRecord(
-            id=key_id,
-            name=new.name,
-            organisation=new.organisation,
-            prefix=key.prefix,
-            priority=new.priority,
-            queue_threshold=new.queue_threshold,
-            allowed_models=None if new.allowed_models is None else tuple(new.allowed_models),
-            is_admin=new.is_admin,
-            expires_at=new.expires_at,
-            revoked=False,
-            created_at=created_at,
-            routing_mode=new.routing_mode,
-        )
+            record = _record(result.one())
         return key.secret, record
 
     async def get_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
