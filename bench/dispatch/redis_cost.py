@@ -62,6 +62,16 @@ async def script_usec(client: aioredis.Redis) -> float:
     )
 
 
+async def bare_call_cpu_ms(client: aioredis.Redis) -> float:
+    """redis-py's own CPU for one call of a script that does nothing (the floor per call)."""
+    script = client.register_script("return ARGV[1]")
+    await script(args=["warm"])
+    started = time.process_time()
+    for _ in range(ROUNDS):
+        await script(args=["acquire", "aiguillage:", "replica", "8000", "m", "0", "org", "-"])
+    return (time.process_time() - started) * 1000 / ROUNDS
+
+
 def summary(name: str, samples: list[float], cpu_ms: float, redis_ms: float | None) -> str:
     ordered = sorted(samples)
     p99 = ordered[int(len(ordered) * 0.99)]
@@ -81,6 +91,7 @@ async def main(url: str) -> None:
         samples, cpu_ms = await measure(shared)
         redis_ms = (await script_usec(client) - before) / 1000 / ROUNDS
         rows.append(summary("redis", samples, cpu_ms, redis_ms))
+        bare_ms = await bare_call_cpu_ms(client)
     finally:
         await shared.close()
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
@@ -90,6 +101,7 @@ async def main(url: str) -> None:
     print(f"acquire + release, {ROUNDS} rounds, ms per request")
     print("| engine | p50 | p99 | replica CPU | Redis CPU (scripts) |\n|---|---|---|---|---|")
     print("\n".join(rows))
+    print(f"redis-py alone, one call of a script that does nothing: {bare_ms:.3f} ms of CPU.")
     print(
         f"One Redis thread runs these scripts for at most {1 / redis_ms:.0f} requests/ms"
         f" ({1000 / redis_ms:,.0f} requests/s), whatever the number of replicas."
