@@ -175,6 +175,37 @@ async def test_a_queued_ticket_times_out_and_leaves_the_global_queue() -> None:
         await delete_prefix(SHARED_REDIS, prefix)
 
 
+class SlowRenewal(RedisScheduler):
+    """Its renewal reaches Redis 50 ms after it read the leases: a release overtakes it."""
+
+    async def _call(self, op: str, *args: str) -> tuple[str, str, str]:
+        if op == "renew":
+            await asyncio.sleep(0.05)
+        return await super()._call(op, *args)
+
+
+async def test_a_lease_released_while_a_renewal_is_on_its_way_is_not_brought_back() -> None:
+    prefix = unique_prefix()
+    scheduler = SlowRenewal(catalog(1), SHARED_REDIS, prefix=prefix, renew_interval_s=3600)
+    counts = redis.Redis.from_url(SHARED_REDIS, decode_responses=True)
+    try:
+        await scheduler.start()
+        lease = await scheduler.acquire(ticket(model(scheduler)))
+        renewal = asyncio.ensure_future(scheduler._renew())
+        await asyncio.sleep(0)  # the renewal has read the lease and is on its way
+        scheduler.release(lease, ok=True)
+        await renewal
+        await scheduler.settled()
+        assert counts.zcard(f"{prefix}leases") == 0
+        assert counts.hget(f"{prefix}in", lease.backend.name) == "0"
+        again = await asyncio.wait_for(scheduler.acquire(ticket(model(scheduler))), 1)
+        scheduler.release(again, ok=True)  # the cap of 1 is free at once, not a TTL later
+    finally:
+        await scheduler.close()
+        counts.close()
+        await delete_prefix(SHARED_REDIS, prefix)
+
+
 # --- Redis itself going away ----------------------------------------------------------------
 
 

@@ -418,6 +418,12 @@ class RedisScheduler(LocalScheduler):
                 await self._register(recovering=True)
         except SchedulerUnavailable:
             pass  # logged and counted by _call; the next round retries
+        # A lease released while the renewal was on its way: if its release reached Redis
+        # first, the renewal put it back as "lost". Release it again (a no-op otherwise).
+        live = {lease.token for lease in self.leases}
+        for token in tokens:
+            if token not in live:
+                self._spawn(self._end(token))
 
     def _follow_master(self) -> None:
         """Listen for grants on the new master (the old listener hears nothing any more)."""
