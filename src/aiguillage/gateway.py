@@ -254,9 +254,11 @@ async def open_gateway(config: GatewayConfig) -> Gateway:
     from aiguillage.store.changes import ChangeListener
     from aiguillage.store.database import Database
     from aiguillage.store.keys import KeyRepository
+    from aiguillage.store.sealing import Sealer
     from aiguillage.store.servers import ServerOverrides
     from aiguillage.store.usage import UsageRepository
 
+    secrets_key = config.resolved_secrets_key()
     database = Database(config.resolved_database_url())
     await database.upgrade()
     keys = KeyRepository(database)
@@ -266,7 +268,7 @@ async def open_gateway(config: GatewayConfig) -> Gateway:
         key_lookup=keys.get_by_hash,
         usage_sink=usage.insert_many,
         revoke_key=keys.revoke,
-        servers=ServerOverrides(database),
+        servers=ServerOverrides(database, Sealer(secrets_key) if secrets_key else None),
     )
     gateway.database = database
     await gateway.sync_catalog()

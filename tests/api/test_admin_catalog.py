@@ -51,6 +51,51 @@ def test_a_server_added_then_removed_is_used_then_left(
     assert engine_modes_of_next_requests(fake_engine, gateway, user, 4) == {"admin-second"}
 
 
+def test_a_server_with_a_token_needs_a_secrets_key(
+    gateway: RunningGateway, fake_engine: FakeEngine
+) -> None:
+    admin, _ = gateway.create_key(is_admin=True)
+    response = httpx.post(
+        f"{gateway.url}/admin/models/chat/servers",
+        json={"url": fake_engine.url("admin-token"), "token": "engine-s3cret"},
+        headers={"authorization": f"Bearer {admin}"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("secrets_key_missing", "token")
+    assert "engine-s3cret" not in response.text
+
+
+def test_a_stored_token_is_sent_to_its_engine_after_a_restart(
+    fake_engine: FakeEngine, tmp_path: Path
+) -> None:
+    settings = {
+        "secrets_key": "a long enough secrets key",
+        "models": [{"name": "chat", "servers": [{"url": fake_engine.url("admin-first")}]}],
+    }
+    first = RunningGateway(settings, tmp_path).start()
+    admin, _ = first.create_key(is_admin=True)
+    user, _ = first.create_key()
+    try:
+        httpx.delete(
+            f"{first.url}/admin/models/chat/servers/{fake_engine.url('admin-first')}",
+            headers={"authorization": f"Bearer {admin}"},
+        ).raise_for_status()
+        httpx.post(
+            f"{first.url}/admin/models/chat/servers",
+            json={"url": fake_engine.url("admin-token"), "token": "engine-s3cret"},
+            headers={"authorization": f"Bearer {admin}"},
+        ).raise_for_status()
+    finally:
+        first.stop()
+    restarted = RunningGateway({**settings, "database_url": first.database_url}, tmp_path).start()
+    try:  # read back from the database and unsealed with the same key
+        assert engine_modes_of_next_requests(fake_engine, restarted, user, 1) == {"admin-token"}
+        assert fake_engine.log.last().headers["Authorization"] == "Bearer engine-s3cret"
+    finally:
+        restarted.stop()
+
+
 def test_server_changes_survive_a_restart(fake_engine: FakeEngine, gateway: RunningGateway) -> None:
     admin, _ = gateway.create_key(is_admin=True)
     user, _ = gateway.create_key()

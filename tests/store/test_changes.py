@@ -1,4 +1,4 @@
-"""Change notices: sent with the change's commit, never without it; servers stored and read."""
+"""Change notices: sent with the change's commit, never without it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import update
 
 from aiguillage.auth.keys import hash_key
-from aiguillage.catalog.config import ServerConfig
 from aiguillage.store.changes import CHANNEL, Change, ChangeListener, announce, parse_change
 from aiguillage.store.database import Database
 from aiguillage.store.keys import KeyRepository
@@ -22,21 +21,6 @@ def test_a_malformed_notice_is_ignored() -> None:
     assert parse_change('{"kind": "key_revoked", "key_hash": "ab"}') == Change("key_revoked", "ab")
     assert parse_change("not json") is None
     assert parse_change('{"no": "kind"}') is None
-
-
-async def test_server_overrides_round_trip_with_their_token(db: Database) -> None:
-    servers = ServerOverrides(db)
-    added = ServerConfig.model_validate(
-        {"url": "http://gpu9:8000/v1", "token": "s3cret", "max_concurrency": 3}
-    )
-    await servers.put("llama", added.base_url, added)
-    await servers.put("llama", "http://gpu1:8000/v1", None)
-    await servers.put("llama", added.base_url, added)  # twice: still one row
-    found = await servers.all()
-    assert found == {"llama": {"http://gpu9:8000/v1": added, "http://gpu1:8000/v1": None}}
-    stored = found["llama"]["http://gpu9:8000/v1"]
-    assert stored is not None and stored.token is not None
-    assert stored.token.get_secret_value() == "s3cret"
 
 
 @pytest.fixture

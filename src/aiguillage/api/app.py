@@ -27,6 +27,7 @@ from aiguillage.auth.identity import ApiKeyRecord
 from aiguillage.catalog.config import GatewayConfig, ServerConfig
 from aiguillage.gateway import Gateway, UnknownTarget, open_gateway
 from aiguillage.store.database import Database
+from aiguillage.store.sealing import SecretsKeyMissing
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class AiguillageApp:
             await self.gateway.add_server(model, server)
         except UnknownTarget as error:
             raise not_found(str(error), param="model") from None
+        except SecretsKeyMissing as error:
+            raise invalid_request(f"{error}.", param="token", code="secrets_key_missing") from None
         return _json(self._servers_of(model), status=201)
 
     async def _admin_remove_server(self, request: Request) -> Response:

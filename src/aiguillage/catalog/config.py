@@ -37,6 +37,7 @@ ModelKind = Literal["chat", "completion", "embedding", "transcription"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./aiguillage.db"
 DATABASE_URL_ENV = "AIGUILLAGE_DATABASE_URL"
+SECRETS_KEY_ENV = "AIGUILLAGE_SECRETS_KEY"
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -193,6 +194,9 @@ class GatewayConfig(_Strict):
     """Everything `aiguillage serve` needs, with defaults for the embedded setup."""
 
     database_url: str | None = None
+    # seals the engine tokens that the admin API stores (store/sealing.py); the same on
+    # every replica. Without it, servers with a token cannot be added at run time.
+    secrets_key: Annotated[SecretStr, Field(min_length=16)] | None = None
     # redis://host:port/db shares queues, leases and caps between gateway replicas;
     # unset, the in-process scheduler serves this process alone
     scheduler_url: str | None = None
@@ -245,6 +249,15 @@ class GatewayConfig(_Strict):
                     )
                 seen[public] = model.name
         return self
+
+    def resolved_secrets_key(self) -> str | None:
+        """The key that seals stored engine tokens: the environment wins over the file."""
+        key = os.environ.get(SECRETS_KEY_ENV)
+        if key is None and self.secrets_key is not None:
+            key = self.secrets_key.get_secret_value()
+        if key is not None and len(key) < 16:
+            raise ConfigError(f"{SECRETS_KEY_ENV}: the secrets key needs 16 characters or more")
+        return key
 
     def resolved_database_url(self) -> str:
         """The database URL: the environment wins over the file, then the default."""
