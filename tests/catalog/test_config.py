@@ -56,6 +56,7 @@ models:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AIGUILLAGE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("AIGUILLAGE_SECRETS_KEY", raising=False)
     monkeypatch.setenv("TEST_ENGINE_TOKEN", "tok-s3cret-value")
 
 
@@ -262,3 +263,18 @@ def test_scheduler_url_selects_redis_and_defaults_to_in_process() -> None:
     assert parse_config({"scheduler_url": "redis://r:6379/0"}).scheduler_url == "redis://r:6379/0"
     with pytest.raises(ConfigError, match="scheduler_url"):
         parse_config({"scheduler_url": "http://r:6379"})
+
+
+def test_the_secrets_key_comes_from_the_environment_first_and_must_be_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert parse_config({}).resolved_secrets_key() is None
+    from_file = parse_config({"secrets_key": "sixteen chars ok"})
+    assert from_file.resolved_secrets_key() == "sixteen chars ok"
+    monkeypatch.setenv("AIGUILLAGE_SECRETS_KEY", "from the environment")
+    assert from_file.resolved_secrets_key() == "from the environment"
+    monkeypatch.setenv("AIGUILLAGE_SECRETS_KEY", "short")
+    with pytest.raises(ConfigError, match="16 characters"):
+        from_file.resolved_secrets_key()
+    with pytest.raises(ConfigError, match="secrets_key"):
+        parse_config({"secrets_key": "short"})
