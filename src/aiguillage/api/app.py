@@ -6,6 +6,7 @@ code runs; the rest (model listing, health, metrics) is ordinary Starlette.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aiguillage.api.asgi import Receive, Scope, Send
-from aiguillage.api.errors import ApiError, forbidden, invalid_request, not_found
+from aiguillage.api.errors import ApiError, forbidden, invalid_request, not_found, unauthorized
 from aiguillage.api.inference import InferenceEndpoint
 from aiguillage.api.jobs import JobsApi
 from aiguillage.api.transcription import TRANSCRIPTIONS_PATH, TranscriptionEndpoint
@@ -215,6 +216,14 @@ class AiguillageApp:
         )
 
     async def _metrics(self, request: Request) -> Response:
+        """Prometheus text; behind `metrics_token` when one is set (backend names are in it)."""
+        token = self.gateway.config.metrics_token
+        if token is not None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(given, token.get_secret_value().encode()):
+                raise unauthorized(
+                    "/metrics needs the metrics token.", code="invalid_metrics_token"
+                )
         metrics = self.gateway.metrics
         return Response(metrics.render(), media_type=metrics.content_type)
 

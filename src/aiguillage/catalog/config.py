@@ -197,6 +197,9 @@ class GatewayConfig(_Strict):
     # seals the engine tokens that the admin API stores (store/sealing.py); the same on
     # every replica. Without it, servers with a token cannot be added at run time.
     secrets_key: Annotated[SecretStr, Field(min_length=16)] | None = None
+    # GET /metrics asks for "Authorization: Bearer <metrics_token>" when set (Prometheus's
+    # `authorization` scrape setting); unset, it is open, for a network the operator guards
+    metrics_token: Annotated[SecretStr, Field(min_length=16)] | None = None
     # redis://host:port/db shares queues, leases and caps between gateway replicas;
     # unset, the in-process scheduler serves this process alone
     scheduler_url: str | None = None
