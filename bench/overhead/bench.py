@@ -546,42 +546,18 @@ class Target:
         key = json.loads(match.group(0))["key"] if match else None
         if not key:
             raise RuntimeError(f"no key in: {res.stdout[:500]}")
-        self.proc = spawn(
+        self._serve(
+            "aiguillage",
             [
-                str(exe),
-                "serve",
-                "--config",
-                str(conf),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(AIGUILLAGE_PORT),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
+                *(str(exe), "serve", "--config", str(conf), "--host", "127.0.0.1"),
+                *("--port", str(AIGUILLAGE_PORT), "--workers", "1", "--log-level", "warning"),
             ],
-            self.logdir / "aiguillage.log",
-            PROXY_CORE,
-            env=env,
-            cwd=self.tmp,
+            AIGUILLAGE_PORT,
+            env,
+            key,
+            MAIN_VENV,
+            started_within_s=60,
         )
-        self.info.update(
-            port_ns=AIGUILLAGE_PORT,
-            port_st=AIGUILLAGE_PORT,
-            model_ns="fake",
-            model_st="fake-stream",
-            pid=self.proc.pid,
-            headers={"Authorization": f"Bearer {key}"},
-            version=version_of(
-                [
-                    str(MAIN_VENV / "bin" / "python"),
-                    "-c",
-                    "import importlib.metadata as m;print('aiguillage', m.version('aiguillage'))",
-                ]
-            ),
-        )
-        wait_port(AIGUILLAGE_PORT, 60, self.proc)
 
     def _start_litellm(self) -> None:
         exe = LITELLM_VENV / "bin" / "litellm"
@@ -633,39 +609,43 @@ class Target:
             PYTHONUNBUFFERED="1",
             LITELLM_MODE="PRODUCTION",
         )
-        self.proc = spawn(
+        self._serve(
+            "litellm",
             [
-                str(exe),
-                "--config",
-                str(conf),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(LITELLM_PORT),
-                "--num_workers",
-                "1",
+                *(str(exe), "--config", str(conf), "--host", "127.0.0.1"),
+                *("--port", str(LITELLM_PORT), "--num_workers", "1"),
             ],
-            self.logdir / "litellm.log",
-            PROXY_CORE,
-            env=env,
-            cwd=self.tmp,
+            LITELLM_PORT,
+            env,
+            LITELLM_MASTER_KEY,
+            LITELLM_VENV,
+            started_within_s=180,
         )
+
+    def _serve(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        api_key: str,
+        venv: Path,
+        started_within_s: float,
+    ) -> None:
+        """Start a gateway under test on the proxy's core: models "fake" and "fake-stream"
+        on one port, `name` being both its log's name and its Python distribution's."""
+        self.proc = spawn(argv, self.logdir / f"{name}.log", PROXY_CORE, env=env, cwd=self.tmp)
+        version = f"import importlib.metadata as m;print('{name}', m.version('{name}'))"
         self.info.update(
-            port_ns=LITELLM_PORT,
-            port_st=LITELLM_PORT,
+            port_ns=port,
+            port_st=port,
             model_ns="fake",
             model_st="fake-stream",
             pid=self.proc.pid,
-            headers={"Authorization": f"Bearer {LITELLM_MASTER_KEY}"},
-            version=version_of(
-                [
-                    str(LITELLM_VENV / "bin" / "python"),
-                    "-c",
-                    "import importlib.metadata as m;print('litellm', m.version('litellm'))",
-                ]
-            ),
+            headers={"Authorization": f"Bearer {api_key}"},
+            version=version_of([str(venv / "bin" / "python"), "-c", version]),
         )
-        wait_port(LITELLM_PORT, 180, self.proc)
+        wait_port(port, started_within_s, self.proc)
 
 
 # --------------------------------------------------------------------------- load
@@ -1413,63 +1393,48 @@ def main() -> int:
             if cur is None or res["interference_cores"] < cur["interference_cores"]:
                 entries[name][group][key] = res
 
-        # 2. fixed rates, non-stream: every target at one rate, then the next rate
-        for rate in rates:
-            for rep in range(args.repeat):
-                for name in list(running):
-                    info = running[name][1]
-                    busy = isolate(name)
-                    res = attempt(
-                        name,
-                        f"{rate} req/s",
-                        lambda info=info, rate=rate: run_loadgen(
-                            info, False, rate, args.duration, args.warmup, tmp
-                        ),
-                    )
-                    if res is None:
-                        continue
-                    res["machine_busy_before"] = busy
-                    keep(name, "fixed", str(rate), res)
-                    print(
-                        f"   {rate:>5} req/s {name:>10} #{rep + 1}: p50 "
-                        f"{_ms(res, 'latency_ms', 'p50')} ms, p99 "
-                        f"{_ms(res, 'latency_ms', 'p99')} ms, achieved "
-                        f"{res['achieved_rps']:.0f}, send lag p99 "
-                        f"{_ms(res, 'send_lag_ms', 'p99')} ms, errors {res['errors']}, non2xx "
-                        f"{res['non2xx']}, unfinished {res['unfinished']}, proxy CPU "
-                        f"{res.get('proxy_cpu_us_per_req')} us/req, steal "
-                        f"{res['steal_cores']}, others {res['others_cores']}"
-                        f"{', SATURATED' if res['saturated'] else ''}",
-                        flush=True,
-                    )
-        # 3. stream at fixed rates (events per answer, time to first byte)
-        for srate in stream_rates:
-            for rep in range(args.repeat):
-                for name in list(running):
-                    info = running[name][1]
-                    busy = isolate(name)
-                    res = attempt(
-                        name,
-                        f"stream {srate} req/s",
-                        lambda info=info, srate=srate: run_loadgen(
-                            info, True, srate, args.duration, args.warmup, tmp
-                        ),
-                    )
-                    if res is None:
-                        continue
-                    res["machine_busy_before"] = busy
-                    keep(name, "stream_fixed", str(srate), res)
-                    print(
-                        f"   stream {srate:>4} req/s {name:>10} #{rep + 1}: ttfb p50 "
-                        f"{_ms(res, 'ttfb_ms', 'p50')} ms, total p50 "
-                        f"{_ms(res, 'latency_ms', 'p50')} ms p99 "
-                        f"{_ms(res, 'latency_ms', 'p99')} ms, events/response "
-                        f"{res['events_per_response']['mean']}, proxy CPU "
-                        f"{res.get('proxy_cpu_us_per_req')} us/req, steal "
-                        f"{res['steal_cores']}, others {res['others_cores']}"
-                        f"{', SATURATED' if res['saturated'] else ''}",
-                        flush=True,
-                    )
+        def at_fixed_rates(stream: bool, rates: list[int], group: str) -> None:
+            """Every target at one rate, then the next rate, `--repeat` times each."""
+            for rate in rates:
+                for rep in range(args.repeat):
+                    for name in list(running):
+                        info = running[name][1]
+                        busy = isolate(name)
+                        label = f"{'stream ' if stream else ''}{rate} req/s"
+                        res = attempt(
+                            name,
+                            label,
+                            lambda info=info, rate=rate: run_loadgen(
+                                info, stream, rate, args.duration, args.warmup, tmp
+                            ),
+                        )
+                        if res is None:
+                            continue
+                        res["machine_busy_before"] = busy
+                        keep(name, group, str(rate), res)
+                        latency = (
+                            f"ttfb p50 {_ms(res, 'ttfb_ms', 'p50')} ms, total p50 "
+                            f"{_ms(res, 'latency_ms', 'p50')} ms p99 "
+                            f"{_ms(res, 'latency_ms', 'p99')} ms, events/response "
+                            f"{res['events_per_response']['mean']}"
+                            if stream
+                            else f"p50 {_ms(res, 'latency_ms', 'p50')} ms, p99 "
+                            f"{_ms(res, 'latency_ms', 'p99')} ms, achieved "
+                            f"{res['achieved_rps']:.0f}, send lag p99 "
+                            f"{_ms(res, 'send_lag_ms', 'p99')} ms, errors {res['errors']}, "
+                            f"non2xx {res['non2xx']}, unfinished {res['unfinished']}"
+                        )
+                        print(
+                            f"   {label:>17} {name:>10} #{rep + 1}: {latency}, proxy CPU "
+                            f"{res.get('proxy_cpu_us_per_req')} us/req, steal "
+                            f"{res['steal_cores']}, others {res['others_cores']}"
+                            f"{', SATURATED' if res['saturated'] else ''}",
+                            flush=True,
+                        )
+
+        # 2. fixed rates, non-stream; 3. stream at fixed rates (events per answer, TTFB)
+        at_fixed_rates(False, rates, "fixed")
+        at_fixed_rates(True, stream_rates, "stream_fixed")
         # 4. maximum throughput (closed loop, wrk)
         for stream, key in ((False, "max_ns"), (True, "max_st")):
             for rep in range(args.repeat):
