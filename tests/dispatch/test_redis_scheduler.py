@@ -116,6 +116,26 @@ async def test_a_high_priority_request_at_one_replica_overtakes_low_ones_at_anot
         a.release(low.result(), ok=True)
 
 
+async def test_explain_counts_the_tickets_waiting_at_every_replica(
+    replicas: list[RedisScheduler],
+) -> None:
+    a, b, _ = replicas
+    held = [await a.acquire(ticket(model(a))) for _ in range(2)]
+    waiting = [asyncio.ensure_future(a.acquire(ticket(model(a)))) for _ in range(2)]
+    waiting.append(asyncio.ensure_future(b.acquire(ticket(model(b)))))
+    await a.settled()
+    await b.settled()
+    report = (await b.explain())["models"]["m"]
+    assert (report["waiting"], report["waiting_all_replicas"]) == (1, 3)
+    for lease in held:
+        a.release(lease, ok=True)
+    for task in waiting:
+        lease = await asyncio.wait_for(task, 5)
+        (a if task in waiting[:2] else b).release(lease, ok=True)
+    await a.settled()
+    assert (await a.explain())["models"]["m"]["waiting_all_replicas"] == 0
+
+
 async def test_the_cap_holds_across_replicas_under_concurrent_acquires(
     replicas: list[RedisScheduler],
 ) -> None:
@@ -162,7 +182,7 @@ async def test_a_queued_ticket_times_out_and_leaves_the_global_queue() -> None:
         held = [await a.acquire(ticket(model(a))) for _ in range(2)]
         with pytest.raises(QueueTimeout):
             await b.acquire(ticket(model(b)))
-        assert b.explain()["models"]["m"]["waiting"] == 0
+        assert (await b.explain())["models"]["m"]["waiting"] == 0
         for lease in held:
             a.release(lease, ok=True)
         await a.settled()

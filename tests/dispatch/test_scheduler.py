@@ -184,7 +184,7 @@ async def test_a_ticket_waits_at_most_the_queue_timeout(engine: Engine) -> None:
     held = await scheduler.acquire(ticket(entry))
     with pytest.raises(QueueTimeout):
         await scheduler.acquire(ticket(entry))
-    assert scheduler.explain()["models"]["m"]["waiting"] == 0
+    assert (await scheduler.explain())["models"]["m"]["waiting"] == 0
     scheduler.release(held, ok=True)
 
 
@@ -510,7 +510,7 @@ async def test_explain_shows_queues_backends_and_decisions(engine: Engine) -> No
     tasks = await waiting(
         scheduler, [ticket(entry, org="x", priority=3), ticket(entry, org="y", priority=3)]
     )
-    report = scheduler.explain()
+    report = await scheduler.explain()
     model = report["models"]["m"]
     assert model["queue"] == {"3": {"x": 1, "y": 1}} and model["waiting"] == 2
     assert model["recent_decisions"][-1]["organisation"] == "rennes"
@@ -562,7 +562,7 @@ async def test_catalog_changed_reindexes_models_and_keeps_queues_and_leases(engi
     scheduler.catalog = catalog
     scheduler.catalog_changed()
     assert not waiter.done()  # still in line: the new backend "a" is a new object, empty
-    assert set(scheduler.explain()["models"]) == {"m", "n"}
+    assert set((await scheduler.explain())["models"]) == {"m", "n"}
     lease_n = await scheduler.acquire(ticket(new_n))  # a model that did not exist before
     assert lease_n.backend.name == "b.example:8000"
     scheduler.release(held, ok=True)  # a lease from before the change still ends cleanly

@@ -153,7 +153,7 @@ class AiguillageApp:
         """Per model, the queue by priority and organisation; per backend, load, leases,
         circuit; the reasons of the last routing decisions."""
         await self._admin(request)
-        return _json(self.gateway.scheduler.explain())
+        return _json(await self.gateway.scheduler.explain())
 
     async def _admin_revoke(self, request: Request) -> Response:
         """Revoke a key on every replica (through the database's change notice)."""

@@ -67,7 +67,7 @@ class Dispatcher(Protocol):
         """Release leases not renewed for `max_age_s` (a lost release); returns how many."""
         ...
 
-    def explain(self) -> dict[str, Any]:
+    async def explain(self) -> dict[str, Any]:
         """What /admin/dispatch shows: queues, backends, recent decisions."""
         ...
 

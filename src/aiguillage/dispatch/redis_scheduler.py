@@ -225,6 +225,19 @@ class RedisScheduler(LocalScheduler):
             else:
                 quiet_turns += 1
 
+    async def explain(self) -> dict[str, Any]:
+        """This replica's view, plus each model's waiting tickets at every replica."""
+        report = await super().explain()
+        names = list(report["models"])
+        try:
+            _, counts, _ = await self._call("waiting", *names)
+        except SchedulerUnavailable:
+            report["shared_scheduler"] = "unreachable"
+            return report
+        for name, count in zip(names, counts.split(SEP), strict=True):
+            report["models"][name]["waiting_all_replicas"] = int(count)
+        return report
+
     def _pump(self, state: ModelState) -> None:
         """Redis pumps the global queues, in the scripts that free or add capacity."""
 

@@ -296,7 +296,7 @@ class LocalScheduler:
             self.release(lease, ok=None)
         return len(stale)
 
-    def explain(self) -> dict[str, Any]:
+    async def explain(self) -> dict[str, Any]:
         """What /admin/dispatch shows: queues, backends, recent decisions."""
         backends: dict[str, dict[str, Any]] = {}
         for backend in self._models_of:

@@ -308,6 +308,14 @@ elseif op == 'reap' then -- leases whose replica stopped renewing them; circuits
   end
   for backend in pairs(touched) do pump_backend(backend) end
   return reply('reaped', #expired)
+elseif op == 'waiting' then -- ARGV[5..]: models; for each, the tickets waiting at every replica
+  local counts = {}
+  for i = 5, #ARGV do
+    local waiting = 0
+    for _, n in ipairs(redis.call('HVALS', P .. 'wk:' .. ARGV[i])) do waiting = waiting + tonumber(n) end
+    counts[#counts + 1] = waiting
+  end
+  return reply('waiting', table.concat(counts, SEP))
 elseif op == 'register' then
   -- ARGV[5] recovery window (ms, 0: none), then model, whether an organisation hosts one of
   -- its backends (1/0, for the owners' pass), count, count pairs (backend, max_concurrency).
