@@ -295,6 +295,24 @@ async def test_a_circuit_opened_by_one_replica_is_open_at_the_others(
 # --- shared circuits -------------------------------------------------------------------------
 
 
+async def test_failures_seen_by_different_replicas_open_the_circuit_for_all(
+    replicas: list[RedisScheduler],
+) -> None:
+    a, b, c = replicas
+    for replica, ok in ((a, False), (b, False), (c, True), (a, False), (b, False)):
+        lease = await replica.acquire(ticket(model(replica)))
+        replica.release(lease, ok=ok)  # c's success resets the count: 2 in a row so far
+        await replica.settled()
+    await a.explain()  # any reply carries the shared circuits
+    assert model(a).backends[0].circuit.state is CircuitState.CLOSED
+    lease = await c.acquire(ticket(model(c)))
+    c.release(lease, ok=False)  # the third in a row, each replica having seen one or two
+    await c.settled()
+    await a.explain()
+    assert model(a).backends[0].circuit.state is CircuitState.OPEN
+    assert not model(a).backends[0].usable()
+
+
 @pytest.fixture
 async def pair() -> AsyncIterator[list[RedisScheduler]]:
     """Two replicas of a model on backends x and y, whose circuits open after one failure;

@@ -15,9 +15,10 @@ Leases carry a deadline that their replica renews every `renew_interval_s`;
 every replica reaps expired leases every `reap_interval_s`, so the capacity of
 a replica that died comes back within `lease_ttl_s` plus one reap.
 
-Circuits are shared: one a replica's breaker opens is recorded in Redis with
-its end, and Redis places nothing there until then, whatever the other
-replicas saw. Past its end the circuit is half-open for all: one trial lease
+Circuits are shared: failures are counted in Redis whichever replica saw
+them (a success anywhere resets the count); at the threshold the circuit opens
+with its end recorded, and Redis places nothing there until then, whatever the
+other replicas saw. Past its end the circuit is half-open for all: one trial lease
 across the replicas; its success closes the circuit everywhere, its failure
 opens it again. Every reply carries the circuits not closed, so each replica's
 breaker (for `explain`, metrics and failing fast) follows the shared one.
@@ -45,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from aiguillage.backends.backend import Backend
-from aiguillage.backends.circuit import CircuitState
+from aiguillage.backends.circuit import CircuitBreaker, CircuitState
 from aiguillage.backends.periodic import Periodic
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.dispatch.dispatcher import (
@@ -201,9 +202,9 @@ class RedisScheduler(LocalScheduler):
         if lease.released:
             return
         # the in-flight mirror drops at once; the script's reply brings the truth
-        opened = self._end_here(lease, ok)
+        self._end_here(lease, ok)
         outcome = "-" if ok is None else "ok" if ok else "failed"
-        self._spawn(self._end(lease.token, outcome, opened, lease.backend.circuit.open_s))
+        self._spawn(self._end(lease.token, outcome, lease.backend.circuit))
 
     def backend_changed(self, backend: Backend) -> None:
         """Recompute this replica's waiting tickets' preferences (health, QoS) and pump."""
@@ -463,13 +464,15 @@ class RedisScheduler(LocalScheduler):
         await self._call("register", *args)
 
     async def _end(
-        self, token: str, outcome: str = "-", opened: bool = False, open_s: float = 0.0
+        self, token: str, outcome: str = "-", circuit: CircuitBreaker | None = None
     ) -> None:
         """Release a lease in Redis: `outcome` 'ok', 'failed' or '-' (unknown) feeds the
-        shared circuit; `opened`: this failure opened this replica's breaker, for `open_s`."""
-        args = (outcome, str(int(opened)), str(round(open_s * 1000)))
+        shared circuit, which opens after `circuit`'s threshold of failures in a row."""
+        threshold, open_ms = (
+            (circuit.failure_threshold, round(circuit.open_s * 1000)) if circuit else (0, 0)
+        )
         with contextlib.suppress(SchedulerUnavailable):  # unrenewed, the reaper frees it
-            await self._call("release", token, *args)
+            await self._call("release", token, outcome, str(threshold), str(open_ms))
 
     # --- Redis calls ----------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiguillage.backends.backend import Backend
-from aiguillage.backends.circuit import CircuitState
 from aiguillage.catalog.catalog import Catalog, ModelEntry
 from aiguillage.dispatch.dispatcher import NoBackendAvailable, QueueFull, QueueTimeout
 from aiguillage.dispatch.placement import check_servable, may_take
@@ -145,9 +144,9 @@ class LocalScheduler:
         self._end_here(lease, ok)
         self.backend_changed(lease.backend)
 
-    def _end_here(self, lease: Lease, ok: bool | None) -> bool:
+    def _end_here(self, lease: Lease, ok: bool | None) -> None:
         """This process's part of ending a lease: its count, and the circuit breaker fed
-        with how it went; True when this failure is the one that opened the circuit."""
+        with how it went."""
         lease.released = True
         self.leases.discard(lease)
         backend = lease.backend
@@ -155,10 +154,7 @@ class LocalScheduler:
         if ok is True:
             backend.circuit.on_success()
         elif ok is False:
-            was_open = backend.circuit.state is CircuitState.OPEN
             backend.circuit.on_failure()
-            return not was_open and backend.circuit.state is CircuitState.OPEN
-        return False
 
     def in_flight(self, backend: Backend) -> int:
         return backend.in_flight

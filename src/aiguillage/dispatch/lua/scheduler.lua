@@ -35,10 +35,11 @@ local function prefs_of(text) -- "backend\tlimit\town\n..." in the replica's ord
   return prefs
 end
 
--- Circuits: 'circ' maps a backend to the end of its open time. Past it the circuit is
+-- Circuits: 'fails' counts each backend's failures in a row (any replica's; a success resets
+-- it); at the threshold 'circ' maps the backend to the end of its open time. Past it it is
 -- half-open: one trial lease at a time, whichever replica asks ('trial:<backend>' holds it,
 -- expiring with the lease); the trial's success closes the circuit for every replica, its
--- failure opens it again. A replica's own breaker opening is shared the same way.
+-- failure opens it again.
 local function circuit_admits(backend)
   local until_ms = redis.call('HGET', P .. 'circ', backend)
   if not until_ms then return true end
@@ -245,18 +246,22 @@ if op == 'acquire' then
   pump(model)
   return reply('queued', seq, id)
 elseif op == 'release' then
-  -- ARGV[5] lease, ARGV[6] how it went ('ok', 'failed' or '-': unknown), ARGV[7] '1' when this
-  -- failure opened the replica's own breaker, ARGV[8] the backend's circuit open time (ms)
+  -- ARGV[5] lease, ARGV[6] how it went ('ok', 'failed' or '-': unknown), ARGV[7] failures in a
+  -- row that open the backend's circuit, ARGV[8] its open time (ms)
   local member, outcome = ARGV[5], ARGV[6]
   local name = split(member, SEP)[2]
   local was_trial = redis.call('GET', P .. 'trial:' .. name) == member
   local backend = end_lease(member)
   if outcome == 'ok' then -- as in one process: a success closes the circuit
     redis.call('HDEL', P .. 'circ', name)
+    redis.call('HDEL', P .. 'fails', name)
     redis.call('DEL', P .. 'trial:' .. name)
     backend = name
-  elseif ARGV[7] == '1' or (was_trial and outcome == 'failed') then
-    open_circuit(name, tonumber(ARGV[8]))
+  elseif outcome == 'failed' then -- counted whichever replica saw it; a failed trial reopens
+    if redis.call('HINCRBY', P .. 'fails', name, 1) >= tonumber(ARGV[7]) or was_trial then
+      open_circuit(name, tonumber(ARGV[8]))
+      redis.call('HDEL', P .. 'fails', name)
+    end
   elseif was_trial then -- the trial ended without a verdict: another may try
     redis.call('DEL', P .. 'trial:' .. name)
     backend = name
