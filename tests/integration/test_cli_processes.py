@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +72,39 @@ def test_demo_serves_a_real_model_and_stops_its_engines(
     for url in (engine_url, whisper_url):
         with pytest.raises(httpx.TransportError):  # the engines went away with the demo
             httpx.get(f"{url}/health", timeout=2)
+
+
+def test_the_demo_s_engines_stop_when_the_demo_is_killed(
+    tmp_path: Path, stop_at_end: list[subprocess.Popen[bytes]]
+) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    try:
+        llama_server_binary()
+    except EngineUnavailable as error:
+        pytest.skip(f"llama.cpp engine unavailable: {error}")
+    port = free_port()
+    options = ["--port", str(port), "--engines", "1", "--no-whisper", "--workdir", str(tmp_path)]
+    demo = subprocess.Popen(
+        [*AIGUILLAGE, "demo", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    stop_at_end.append(demo)
+    wait_until_answering(f"http://127.0.0.1:{port}", demo)
+    engine_url = yaml.safe_load((tmp_path / "demo.yaml").read_text())["models"][0]["servers"][0]
+    assert httpx.get(f"{engine_url['url']}/health", timeout=5).status_code == 200
+    demo.kill()  # no chance to stop its engines itself
+    demo.wait(10)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(f"{engine_url['url']}/health", timeout=1)
+        except httpx.TransportError:
+            break  # the engine went with its parent
+        assert time.monotonic() < deadline, "the engine outlived the killed demo"
+        time.sleep(0.2)
 
 
 def test_serve_with_two_workers_shares_keys_and_sums_metrics(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 SMOLLM2_SERVED_NAME = "SmolLM2-135M-Instruct"
+_SETPRIV = shutil.which("setpriv")
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -82,9 +84,18 @@ class LocalServer(ABC):
         """The command line that starts the engine on `self.port`."""
 
     def start(self, timeout_s: float = 60.0) -> Self:
+        """Start the engine and wait until it is healthy.
+
+        Where util-linux's `setpriv` is found (every Debian), the engine is started
+        with a parent-death signal: it gets SIGTERM when the process that started it
+        dies, even by `kill -9`, so no engine outlives its demo or test.
+        """
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        command = self.command()
+        if _SETPRIV is not None:
+            command = [_SETPRIV, "--pdeathsig", "TERM", "--", *command]
         self._process = subprocess.Popen(
-            self.command(),
+            command,
             stdout=output,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
