@@ -38,6 +38,7 @@ ModelKind = Literal["chat", "completion", "embedding", "transcription"]
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./aiguillage.db"
 DATABASE_URL_ENV = "AIGUILLAGE_DATABASE_URL"
 SECRETS_KEY_ENV = "AIGUILLAGE_SECRETS_KEY"
+SECRETS_KEY_MIN_LENGTH = 16
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -196,7 +197,7 @@ class GatewayConfig(_Strict):
     database_url: str | None = None
     # seals the engine tokens that the admin API stores (store/sealing.py); the same on
     # every replica. Without it, servers with a token cannot be added at run time.
-    secrets_key: Annotated[SecretStr, Field(min_length=16)] | None = None
+    secrets_key: Annotated[SecretStr, Field(min_length=SECRETS_KEY_MIN_LENGTH)] | None = None
     # GET /metrics asks for "Authorization: Bearer <metrics_token>" when set (Prometheus's
     # `authorization` scrape setting); unset, it is open, for a network the operator guards
     metrics_token: Annotated[SecretStr, Field(min_length=16)] | None = None
@@ -258,8 +259,11 @@ class GatewayConfig(_Strict):
         key = os.environ.get(SECRETS_KEY_ENV)
         if key is None and self.secrets_key is not None:
             key = self.secrets_key.get_secret_value()
-        if key is not None and len(key) < 16:
-            raise ConfigError(f"{SECRETS_KEY_ENV}: the secrets key needs 16 characters or more")
+        if key is not None and len(key) < SECRETS_KEY_MIN_LENGTH:
+            raise ConfigError(
+                f"{SECRETS_KEY_ENV}: the secrets key needs "
+                f"{SECRETS_KEY_MIN_LENGTH} characters or more"
+            )
         return key
 
     def resolved_database_url(self) -> str:

@@ -3,8 +3,8 @@
 `scheduler_url` takes redis-py's own URLs (`redis://`, `rediss://`, `unix://`) and
 `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` for a
 Redis watched by Sentinel: the clients ask the Sentinels for the service's master
-and follow it across failovers (redis-py's Sentinel support does the following; a
-connection to a demoted master fails, and the next one goes to the new master).
+when they open a connection, and `master_moved` (called at every lease renewal)
+asks again, so pooled connections leave a demoted master that still accepts writes.
 The password is the Redis servers' own; `?sentinel_password=` gives the Sentinels'.
 """
 
