@@ -131,8 +131,9 @@ async def test_the_scheduler_follows_a_sentinel_failover(tmp_path: Path) -> None
                 lambda: new_master.zcard("t:leases") == 1, 5, "the lease is not on the new master"
             )
             scheduler.release(after, ok=True)
-            await scheduler.settled()
-            assert new_master.zcard("t:leases") == 0  # released there too
+            # released there too (a renewal on its way may put it back for a moment: the
+            # scheduler releases it again right after that renewal)
+            await wait_until(lambda: new_master.zcard("t:leases") == 0, 3, "not released")
             new_master.close()
         finally:
             await scheduler.close()
